@@ -1,0 +1,29 @@
+"""llama-core: a from-scratch Llama decoder in pure PyTorch with exact Hugging Face parity."""
+
+from .cache import Cache, DynamicCache, StaticCache
+from .config import LlamaConfig
+from .heads import LlamaForQuestionAnswering, LlamaForSequenceClassification
+from .model import LlamaForCausalLM, LlamaModel
+from .outputs import BaseModelOutput, CausalLMOutput, QuestionAnsweringOutput, SequenceClassifierOutput
+from .presets import PRESETS, preset_names
+from .pretrained import LlamaPreTrainedModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "BaseModelOutput",
+    "Cache",
+    "CausalLMOutput",
+    "DynamicCache",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "LlamaForQuestionAnswering",
+    "LlamaForSequenceClassification",
+    "LlamaModel",
+    "LlamaPreTrainedModel",
+    "QuestionAnsweringOutput",
+    "SequenceClassifierOutput",
+    "StaticCache",
+    "preset_names",
+]

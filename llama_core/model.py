@@ -1,0 +1,128 @@
+"""LlamaModel (the decoder stack) and LlamaForCausalLM (decoder + language-model head)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import build_attention_mask
+from .cache import Cache, DynamicCache, StaticCache
+from .config import LlamaConfig
+from .layers import DecoderLayer, RMSNorm
+from .outputs import BaseModelOutput, CausalLMOutput
+from .pretrained import LlamaPreTrainedModel
+from .rope import RotaryEmbedding
+
+
+class LlamaModel(LlamaPreTrainedModel):
+    """Embeddings, ``num_hidden_layers`` decoder layers and the final norm."""
+
+    base_model_prefix = ""
+
+    def __init__(self, config: LlamaConfig, init: bool = True):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        if init:
+            self.init_weights()
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, past_key_values: Cache | None = None,
+                use_cache: bool = False, inputs_embeds: Tensor | None = None,
+                output_hidden_states: bool = False, cache_position: Tensor | None = None) -> BaseModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [b, t, h]
+        b, t = x.shape[:2]
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
+        if isinstance(cache, StaticCache):
+            cache.check_room(b, t)
+        if attention_mask is not None and attention_mask.shape != (b, past + t):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, cached + new tokens) "
+                f"= {(b, past + t)}"
+            )
+        if cache_position is None:
+            cache_position = torch.arange(past, past + t, device=x.device)
+        if position_ids is None:
+            position_ids = _position_ids(attention_mask, cache_position, b, t)
+
+        key_positions = None
+        if cache is not None and self.rotary_emb.is_dynamic:
+            key_positions = cache.update_positions(position_ids, cache_position)
+        rope = self.rotary_emb(position_ids, x.dtype, key_positions)
+        kv_len = (cache.max_cache_len or past + t) if cache is not None else t
+        can_skip = not isinstance(cache, StaticCache) and (past == 0 or t == 1)
+        mask = build_attention_mask(attention_mask, cache_position, kv_len, can_skip)
+
+        hidden_states = [x] if output_hidden_states else None
+        for layer in self.layers:
+            device = layer.input_layernorm.weight.device
+            if x.device != device:  # a model split across devices (device_map): hand over at the boundary
+                x, rope = x.to(device), rope.to(device)
+                mask = None if mask is None else mask.to(device)
+                cache_position = cache_position.to(device)
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, rope, mask, cache, cache_position, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, cache, cache_position)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        x = self.norm(x.to(self.norm.weight.device))
+        if hidden_states is not None:
+            hidden_states[-1] = x  # as transformers: the last entry is the normed output
+        return BaseModelOutput(x, cache if use_cache or past_key_values is not None else None,
+                               tuple(hidden_states) if hidden_states is not None else None)
+
+
+def _position_ids(attention_mask: Tensor | None, cache_position: Tensor, b: int, t: int) -> Tensor:
+    """Positions of the new tokens: counted over real tokens only, so left padding shifts nothing."""
+    if attention_mask is None:
+        return cache_position[None, :].expand(b, t)
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -t:].to(cache_position.device)
+
+
+class LlamaForCausalLM(LlamaPreTrainedModel):
+    """The decoder with a language-model head; ``lm_head`` shares the embedding when tied."""
+
+    def __init__(self, config: LlamaConfig, init: bool = True):
+        super().__init__(config)
+        self.model = LlamaModel(config, init=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if init:
+            self.init_weights()
+        self.tie_weights()
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                position_ids: Tensor | None = None, past_key_values: Cache | None = None,
+                use_cache: bool = False, labels: Tensor | None = None, output_hidden_states: bool = False,
+                inputs_embeds: Tensor | None = None, cache_position: Tensor | None = None,
+                logits_to_keep: int = 0) -> CausalLMOutput:
+        """``labels [batch, seq]`` are the input ids themselves (shifted here); -100 is ignored.
+
+        ``logits_to_keep=n`` computes logits for the last n positions only (generation needs one).
+        """
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, inputs_embeds,
+                         output_hidden_states, cache_position)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h.to(self.lm_head.weight.device))
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return CausalLMOutput(logits, loss, out.past_key_values, out.hidden_states)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean next-token cross entropy in fp32: position i predicts ``labels[i + 1]``."""
+    labels = F.pad(labels.to(logits.device), (0, 1), value=ignore_index)[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=ignore_index)

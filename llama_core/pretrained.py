@@ -1,0 +1,184 @@
+"""LlamaPreTrainedModel: what every public model shares (construction, I/O, training helpers).
+
+Kept apart from the forward code so model.py reads as the architecture alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import ATTN_IMPLEMENTATIONS, Attention
+from .config import LlamaConfig
+from .layers import RMSNorm
+
+logger = logging.getLogger(__name__)
+
+
+class LlamaPreTrainedModel(nn.Module):
+    # Attribute holding the LlamaModel; its state-dict keys start with "<prefix>." ("" for LlamaModel itself).
+    base_model_prefix = "model"
+    # Keys a head adds on top of a base checkpoint: initialised (with a warning) when a checkpoint lacks them.
+    _init_if_missing: tuple[str, ...] = ()
+    # Checkpoint keys a head model may drop silently (e.g. lm_head when fine-tuning a classifier).
+    _ignore_if_unexpected: tuple[str, ...] = ()
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        if not isinstance(config, LlamaConfig):
+            raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
+        self.config = config
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> LlamaPreTrainedModel:
+        """A random-init model of a known release's shape (see llama_core.presets)."""
+        return cls(LlamaConfig.from_preset(name, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, **kwargs: Any) -> LlamaPreTrainedModel:
+        """Load a local directory or hub id; see :func:`llama_core.loading.load_pretrained` for options."""
+        from .loading import load_pretrained
+
+        return load_pretrained(cls, path_or_hub_id, **kwargs)
+
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+        """Write config.json and safetensors weights (sharded above ``max_shard_size``), atomically."""
+        from .loading import save_pretrained
+
+        return save_pretrained(self, directory, max_shard_size=max_shard_size)
+
+    def init_weights(self) -> None:
+        """HF initialisation: normal(0, initializer_range) linears and embeddings, zero biases and padding row."""
+        self.apply(self._init_module)
+
+    def _init_module(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    @property
+    def base_model(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix) if self.base_model_prefix else self
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        return getattr(self, "lm_head", None)
+
+    def tie_weights(self) -> None:
+        """Make lm_head share the embedding matrix when the config says the embeddings are tied."""
+        head = self.get_output_embeddings()
+        if head is not None and self.config.tie_word_embeddings:
+            head.weight = self.get_input_embeddings().weight
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count; shared (tied) tensors are counted once."""
+        skip = set()
+        if exclude_embeddings:
+            skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return sum(p.numel() for p in self.parameters()
+                   if id(p) not in skip and (p.requires_grad or not only_trainable))
+
+    def floating_point_ops(self, num_tokens: int, seq_len: int | None = None, training: bool = True) -> int:
+        """FLOPs to process ``num_tokens`` tokens, for MFU (PaLM appendix B convention).
+
+        Per token, each weight of a matmul costs 2 FLOPs forward (the embedding lookup costs none, a tied
+        lm_head still costs its matmul); with ``seq_len`` the attention scores and weighted sum add
+        ``4 * layers * heads * head_dim * seq_len`` (causality not subtracted, as PaLM). Training (forward +
+        backward) is 3x the forward.
+        """
+        c = self.config
+        per_layer = (c.hidden_size * c.head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
+                     + 3 * c.hidden_size * c.intermediate_size)
+        head = c.hidden_size * (self.config.num_labels if self.get_output_embeddings() is None else c.vocab_size)
+        forward = 2 * (c.num_hidden_layers * per_layer + head)
+        if seq_len:
+            forward += 4 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * seq_len
+        return (3 if training else 1) * forward * num_tokens
+
+    def get_memory_footprint(self, return_buffers: bool = True) -> int:
+        """Bytes held by parameters (and buffers), shared tensors counted once."""
+        tensors = {id(t): t for t in self.parameters()}
+        if return_buffers:
+            tensors.update({id(t): t for t in self.buffers()})
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    # ------------------------------------------------------------------ switches
+    def set_attn_implementation(self, name: str) -> None:
+        if name not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {name!r}")
+        self.config.attn_implementation = name
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.backend = name
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each decoder layer in backward instead of storing its activations."""
+        self.base_model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.base_model.gradient_checkpointing
+
+    def resize_token_embeddings(self, new_num_tokens: int, pad_to_multiple_of: int | None = None) -> nn.Embedding:
+        """Grow or shrink the vocabulary; new rows start at the mean of the old ones (as transformers'
+        mean_resizing), kept rows are unchanged, tied weights stay tied."""
+        if pad_to_multiple_of:
+            new_num_tokens = math.ceil(new_num_tokens / pad_to_multiple_of) * pad_to_multiple_of
+        if new_num_tokens <= 0:
+            raise ValueError(f"new_num_tokens must be positive, got {new_num_tokens}")
+        pad = self.config.pad_token_id
+        if pad is not None and not -new_num_tokens <= pad < new_num_tokens:
+            raise ValueError(f"pad_token_id {pad} does not fit a vocabulary of {new_num_tokens}")
+        old = self.get_input_embeddings()
+        new = nn.Embedding(new_num_tokens, old.embedding_dim, padding_idx=pad,
+                           device=old.weight.device, dtype=old.weight.dtype)
+        new.weight.data = _resized_rows(old.weight.data, new_num_tokens)
+        self.base_model.embed_tokens = new
+        head = self.get_output_embeddings()
+        if head is not None and not self.config.tie_word_embeddings:
+            new_head = nn.Linear(head.in_features, new_num_tokens, bias=False,
+                                 device=head.weight.device, dtype=head.weight.dtype)
+            new_head.weight.data = _resized_rows(head.weight.data, new_num_tokens)
+            self.lm_head = new_head
+        self.config.vocab_size = new_num_tokens
+        self.tie_weights()
+        return new
+
+
+def _resized_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    kept = min(rows, weight.shape[0])
+    out = weight.new_empty(rows, weight.shape[1])
+    out[:kept] = weight[:kept]
+    if rows > kept:
+        out[kept:] = weight.float().mean(dim=0).to(weight.dtype)
+    return out
