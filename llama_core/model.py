@@ -20,6 +20,7 @@ class LlamaModel(LlamaPreTrainedModel):
     """Embeddings, ``num_hidden_layers`` decoder layers and the final norm."""
 
     base_model_prefix = ""
+    _ignore_if_unexpected = ("lm_head.weight",)  # loading a causal-LM checkpoint into the bare decoder
 
     def __init__(self, config: LlamaConfig, init: bool = True):
         super().__init__(config)

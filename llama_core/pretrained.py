@@ -50,7 +50,7 @@ class LlamaPreTrainedModel(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
         """Write config.json and safetensors weights (sharded above ``max_shard_size``), atomically."""
-        from .loading import save_pretrained
+        from .saving import save_pretrained
 
         return save_pretrained(self, directory, max_shard_size=max_shard_size)
 

@@ -1,0 +1,45 @@
+"""Finding a checkpoint: a local directory, or a Hugging Face hub id fetched with snapshot_download."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+# Only what loading needs: no optimizer states, no original/consolidated Meta files.
+HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json",
+                "pytorch_model*.bin", "pytorch_model.bin.index.json"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = None,
+                       cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> Path:
+    """A local directory holding the checkpoint; hub ids are downloaded (or found in the cache)."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+        return path
+    name = str(path_or_hub_id)
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no such checkpoint directory: {name}")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
+                                      allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError as e:
+        if _offline():
+            raise OSError(
+                f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it cannot be "
+                f"downloaded; download it once online or pass a local directory"
+            ) from e
+        raise OSError(f"could not download {name} from the Hugging Face hub (and it is not cached): {e}") from e
+    except HfHubHTTPError as e:
+        raise OSError(f"could not download {name} from the Hugging Face hub: {e}") from e

@@ -1,0 +1,259 @@
+"""from_pretrained: stream Hugging Face checkpoints into a model built on the meta device.
+
+Memory: the model is built on ``meta`` (no storage), safetensors are memory-mapped and each tensor is
+assigned into the model as it is (``load_state_dict(assign=True)``), so loading in the stored dtype on the
+CPU holds one copy of the weights. Every key, shape and dtype is checked against the model from the file
+headers *before* any weight is read, so a bad checkpoint fails fast and never yields a half-loaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import LlamaConfig
+from .hub import resolve_checkpoint
+from .placement import device_for, resolve_device_map
+
+logger = logging.getLogger(__name__)
+
+SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
+BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
+# Checkpoint keys that older exports carry and that hold nothing we need (recomputed from the config).
+IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+           "float64": torch.float64, "fp64": torch.float64}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"unsupported dtype {dtype}: model weights must be floating point")
+        return dtype
+    key = str(dtype).removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(set(_DTYPES))} or a torch.dtype")
+    return _DTYPES[key]
+
+
+@dataclass
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+# ---------------------------------------------------------------------- reading checkpoint files
+def _weight_files(directory: Path) -> tuple[str, list[Path]]:
+    """("safetensors" | "bin", files) of the checkpoint in ``directory``."""
+    for kind, index, single in (("safetensors", SAFE_INDEX, SAFE_SINGLE), ("bin", BIN_INDEX, BIN_SINGLE)):
+        if (directory / index).is_file():
+            try:
+                weight_map = json.loads((directory / index).read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{directory / index} is not a valid index (needs a 'weight_map'): {e}") from e
+            files = [directory / name for name in dict.fromkeys(weight_map.values())]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(f"{directory / index} lists shards that do not exist: {', '.join(missing)}")
+            return kind, files
+        if (directory / single).is_file():
+            return kind, [directory / single]
+    raise FileNotFoundError(
+        f"no weights in {directory}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
+    )
+
+
+def _safetensors_headers(file: Path) -> dict[str, TensorInfo]:
+    try:
+        with safe_open(file, framework="pt") as f:
+            out = {}
+            for name in f.keys():
+                sl = f.get_slice(name)
+                out[name] = TensorInfo(file, tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype(), file, name))
+            return out
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _safetensors_dtype(name: str, file: Path, key: str) -> torch.dtype:
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    if name not in table:
+        raise ValueError(f"{file}: tensor {key} has unsupported dtype {name}")
+    return table[name]
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch pickle checkpoint, only ever through the weights-only unpickler."""
+    try:
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as e:
+        raise ValueError(f"{file} could not be loaded as a weights-only PyTorch checkpoint: {e}") from e
+
+
+def read_headers(kind: str, files: list[Path]) -> tuple[dict[str, TensorInfo], dict[Path, dict]]:
+    """Name -> (file, shape, dtype) for every tensor, without reading tensor data (safetensors)."""
+    infos: dict[str, TensorInfo] = {}
+    bins: dict[Path, dict] = {}
+    for file in files:
+        if kind == "safetensors":
+            found = _safetensors_headers(file)
+        else:
+            bins[file] = _load_bin(file)
+            found = {k: TensorInfo(file, tuple(t.shape), t.dtype) for k, t in bins[file].items()}
+        for name, info in found.items():
+            if name in infos:
+                raise ValueError(f"tensor {name} appears in both {infos[name].file} and {file}")
+            infos[name] = info
+    return infos, bins
+
+
+# ---------------------------------------------------------------------- matching names to the model
+def _rename(infos: dict[str, TensorInfo], model: torch.nn.Module) -> dict[str, str]:
+    """Model key -> checkpoint key, mapping the checkpoint's base prefix ("model.", "transformer.", "")
+    onto the model's, so e.g. a causal-LM checkpoint loads into LlamaModel or a task head."""
+    ckpt_prefix = next((k[: -len("embed_tokens.weight")] for k in infos if k.endswith("embed_tokens.weight")), None)
+    model_prefix = f"{model.base_model_prefix}." if model.base_model_prefix else ""
+    mapping = {}
+    for key in infos:
+        new = key
+        if ckpt_prefix is not None and key.startswith(ckpt_prefix) and not _is_head_key(key, ckpt_prefix):
+            new = model_prefix + key[len(ckpt_prefix):]
+        mapping[new] = key
+    return mapping
+
+
+def _is_head_key(key: str, ckpt_prefix: str) -> bool:
+    # With a prefix-less (bare decoder) checkpoint every key "starts with" the prefix; heads are not renamed.
+    return ckpt_prefix == "" and key.split(".")[0] in ("lm_head", "score", "qa_outputs")
+
+
+def _check(model: torch.nn.Module, infos: dict[str, TensorInfo], names: dict[str, str]) -> tuple[set, set]:
+    """Raise one ValueError listing every missing, unexpected, misshapen or non-float tensor.
+
+    Returns (keys to initialise because the head is new, whether lm_head must be tied to the embedding).
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    tied = model.config.tie_word_embeddings and "lm_head.weight" in expected
+    optional = set(model._init_if_missing)
+    if "lm_head.weight" in expected:
+        optional.add("lm_head.weight")  # absent -> tied to the embedding
+    problems = []
+    missing = sorted(k for k in expected if k not in names and k not in optional)
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
+    unexpected = sorted(k for k in names if k not in expected and not k.endswith(IGNORED_KEY_SUFFIXES)
+                        and k not in model._ignore_if_unexpected)
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    for key, ckpt_key in names.items():
+        info = infos[ckpt_key]
+        if key in expected and info.shape != expected[key] and not (tied and key == "lm_head.weight"):
+            problems.append(f"shape mismatch for {ckpt_key} in {info.file.name}: checkpoint {list(info.shape)}, "
+                            f"model {list(expected[key])}")
+        elif key in expected and not info.dtype.is_floating_point:
+            problems.append(f"{ckpt_key} in {info.file.name} has dtype {info.dtype}; expected a floating-point tensor")
+    if problems:
+        raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
+    to_init = {k for k in model._init_if_missing if k not in names}
+    tie = "lm_head.weight" in expected and (tied or "lm_head.weight" not in names)
+    return to_init, tie
+
+
+# ---------------------------------------------------------------------- entry point
+def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu",
+                    attn_implementation: str | None = None, device_map: str | dict | None = None,
+                    max_memory: dict | None = None, revision: str | None = None, cache_dir: Any = None,
+                    token: Any = None, config: LlamaConfig | None = None, torch_dtype: Any = None,
+                    **config_overrides: Any):
+    """Build ``cls`` from a checkpoint directory or hub id.
+
+    ``dtype``: None keeps torch's default float dtype (fp32), "auto" follows config.json, then the stored
+    dtype; or a torch.dtype / name. ``torch_dtype`` is accepted as an alias. ``device_map`` ("auto" or a
+    dict of module prefix -> device, with ``max_memory``) splits the model across devices. Extra keyword
+    arguments override config fields (e.g. ``num_labels=3`` for a classification head).
+    """
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise ValueError("pass dtype or its alias torch_dtype, not both")
+        dtype = torch_dtype
+    directory = resolve_checkpoint(path_or_hub_id, revision=revision, cache_dir=cache_dir, token=token)
+    if config is None:
+        config = LlamaConfig.from_pretrained(directory)
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    if attn_implementation is not None:
+        config = config.replace(attn_implementation=attn_implementation)
+
+    kind, files = _weight_files(directory)
+    infos, bins = read_headers(kind, files)
+    if dtype == "auto":
+        stored = next((i.dtype for i in infos.values() if i.dtype.is_floating_point), torch.float32)
+        target = parse_dtype(config.dtype) if config.dtype else stored
+    else:
+        target = parse_dtype(dtype) if dtype is not None else torch.get_default_dtype()
+
+    with torch.device("meta"):
+        model = cls(config, init=False)
+    names = _rename(infos, model)
+    to_init, tie = _check(model, infos, names)
+    placement = resolve_device_map(model, device_map, device, target, max_memory)
+    if tie and not config.tie_word_embeddings:
+        logger.info("%s has no lm_head.weight: tying it to the input embedding", directory)
+        model.config.tie_word_embeddings = True
+
+    expected = model.state_dict(keep_vars=True)
+    by_file: dict[Path, list[str]] = {}
+    for key, ckpt_key in names.items():
+        if key in expected and not (tie and key == "lm_head.weight"):
+            by_file.setdefault(infos[ckpt_key].file, []).append(key)
+    for file, keys in by_file.items():  # one shard at a time
+        state = {}
+        if kind == "safetensors":
+            with safe_open(file, framework="pt") as f:
+                for key in keys:
+                    state[key] = _place(f.get_tensor(names[key]), target, device_for(key, placement))
+        else:
+            for key in keys:
+                state[key] = _place(bins[file][names[key]], target, device_for(key, placement))
+        model.load_state_dict(state, strict=False, assign=True)
+        del state
+    bins.clear()
+
+    for key in to_init:
+        logger.warning("%s: %s is not in the checkpoint and was newly initialised; train it before use",
+                       cls.__name__, key)
+        module = model.get_submodule(key.rsplit(".", 1)[0])
+        module.to_empty(device=device_for(key, placement), recurse=False)
+        module.to(target)
+        model._init_module(module)
+    model.tie_weights() if tie else None
+    base = model.base_model
+    base.rotary_emb.reset_buffers(base.embed_tokens.weight.device)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:  # a bug guard: every tensor must have been loaded or initialised
+        raise RuntimeError(f"tensors left unloaded: {leftover}")
+    model.config.dtype = str(target).removeprefix("torch.")
+    return model.eval()
+
+
+def _place(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # A no-op (keeping the mmapped storage) when dtype and device already match.
+    return t.to(device=device, dtype=dtype)
