@@ -106,7 +106,9 @@ class StaticCache(Cache):
         self.keys = [None] * n
         self.values = [None] * n
         self.positions = None
-        self._seq_len = 0
+        # Cached length as a 0-d tensor beside the buffers, updated in place: a python int would be baked
+        # into compiled graphs as a constant and force a recompile at every decode step.
+        self._length: Tensor | None = None
         if device is not None:
             for i in range(n):
                 self._allocate(i, torch.device(device), dtype or torch.get_default_dtype())
@@ -116,23 +118,27 @@ class StaticCache(Cache):
         return self._max_cache_len
 
     def get_seq_length(self) -> int:
-        return self._seq_len
+        """Tokens cached so far (reads a device scalar: a sync; compiled decode loops pass cache_position)."""
+        return 0 if self._length is None else int(self._length)
 
     def _allocate(self, layer_idx: int, device: torch.device, dtype: torch.dtype) -> None:
         self.keys[layer_idx] = torch.zeros(self._shape, dtype=dtype, device=device)
         self.values[layer_idx] = torch.zeros(self._shape, dtype=dtype, device=device)
+        if self._length is None:
+            self._length = torch.zeros((), dtype=torch.long, device=device)
         if not torch.compiler.is_compiling():
             # Tell torch.compile the buffers keep their address across calls (needed for CUDA graphs).
             torch._dynamo.mark_static_address(self.keys[layer_idx])
             torch._dynamo.mark_static_address(self.values[layer_idx])
+            torch._dynamo.mark_static_address(self._length)
 
-    def check_room(self, batch_size: int, new_tokens: int) -> None:
+    def check_room(self, batch_size: int, new_tokens: int, cached: int) -> None:
         """Raise before any write if a forward of this size does not fit."""
         if batch_size > self.max_batch_size:
             raise ValueError(f"batch size {batch_size} exceeds StaticCache max_batch_size {self.max_batch_size}")
-        if self._seq_len + new_tokens > self._max_cache_len:
+        if cached + new_tokens > self._max_cache_len:
             raise ValueError(
-                f"StaticCache is full: {self._seq_len} cached + {new_tokens} new tokens > max_cache_len "
+                f"StaticCache is full: {cached} cached + {new_tokens} new tokens > max_cache_len "
                 f"{self._max_cache_len}"
             )
 
@@ -144,7 +150,7 @@ class StaticCache(Cache):
         k_buf.index_copy_(2, cache_position, k.to(k_buf.dtype))
         v_buf.index_copy_(2, cache_position, v.to(v_buf.dtype))
         if layer_idx == 0:
-            self._seq_len += k.shape[-2]
+            self._length.copy_(cache_position[-1] + 1)
         if k_buf.dtype != k.dtype:  # a cache stored in another dtype hands K/V back in the model's
             return k_buf.to(k.dtype), v_buf.to(v.dtype)
         return k_buf, v_buf
@@ -164,4 +170,5 @@ class StaticCache(Cache):
                 t.zero_()
         if self.positions is not None:
             self.positions.zero_()
-        self._seq_len = 0
+        if self._length is not None:
+            self._length.zero_()

@@ -13,7 +13,14 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    """Offline mode as the environment says now, or as huggingface_hub read it when it was imported
+    (it reads HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE once, at import)."""
+    if any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
+           for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = None,
@@ -32,8 +39,9 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None =
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
+        # local_files_only: never reach the network when offline, even if the variable was set after import.
         return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
-                                      allow_patterns=HUB_PATTERNS))
+                                      allow_patterns=HUB_PATTERNS, local_files_only=_offline()))
     except LocalEntryNotFoundError as e:
         if _offline():
             raise OSError(

@@ -43,14 +43,18 @@ class LlamaModel(LlamaPreTrainedModel):
         cache = past_key_values
         if use_cache and cache is None:
             cache = DynamicCache()
-        past = cache.get_seq_length() if cache is not None else 0
-        if isinstance(cache, StaticCache):
-            cache.check_room(b, t)
-        if attention_mask is not None and attention_mask.shape != (b, past + t):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, cached + new tokens) "
-                f"= {(b, past + t)}"
-            )
+        static = isinstance(cache, StaticCache)
+        # Tokens already cached. Unknown (None) only for a StaticCache given cache_position, the compiled
+        # decode path, where reading the device-side length would cost a sync and a graph break.
+        past = 0 if cache is None else None if static and cache_position is not None else cache.get_seq_length()
+        if past is not None:
+            if static:
+                cache.check_room(b, t, past)
+            if attention_mask is not None and attention_mask.shape != (b, past + t):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, cached + new "
+                    f"tokens) = {(b, past + t)}"
+                )
         if cache_position is None:
             cache_position = torch.arange(past, past + t, device=x.device)
         if position_ids is None:
@@ -60,8 +64,8 @@ class LlamaModel(LlamaPreTrainedModel):
         if cache is not None and self.rotary_emb.is_dynamic:
             key_positions = cache.update_positions(position_ids, cache_position)
         rope = self.rotary_emb(position_ids, x.dtype, key_positions)
-        kv_len = (cache.max_cache_len or past + t) if cache is not None else t
-        can_skip = not isinstance(cache, StaticCache) and (past == 0 or t == 1)
+        kv_len = cache.max_cache_len if static else past + t
+        can_skip = not static and (past == 0 or t == 1)
         mask = build_attention_mask(attention_mask, cache_position, kv_len, can_skip)
 
         hidden_states = [x] if output_hidden_states else None

@@ -216,3 +216,28 @@ def test_use_cache_returns_a_dynamic_cache():
     out = model(torch.randint(0, 128, (1, 3)), use_cache=True)
     assert isinstance(out.past_key_values, DynamicCache) and out.past_key_values.get_seq_length() == 3
     assert model(torch.randint(0, 128, (1, 3))).past_key_values is None
+
+
+@torch.no_grad()
+def test_static_cache_decode_compiles_to_one_graph():
+    """A decode step with a StaticCache traces with fullgraph=True (no graph breaks) and is not
+    recompiled as the cache fills: shapes and guards stay fixed across steps."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = random_model()
+    cache = StaticCache(model.config, max_batch_size=1, max_cache_len=24, device="cpu")
+    ids = torch.randint(0, 128, (1, 16))
+
+    def step(token, position):
+        return model(token, position_ids=position[None], past_key_values=cache, use_cache=True,
+                     cache_position=position).logits
+
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
+    logits = [model(ids[:, :4], past_key_values=cache, use_cache=True).logits]
+    for t in range(4, 16):
+        logits.append(compiled(ids[:, t:t + 1], torch.tensor([t])))
+    assert counters["stats"]["unique_graphs"] == 1
+    assert cache.get_seq_length() == 16
+    torch.testing.assert_close(torch.cat(logits, 1), model(ids).logits, atol=ATOL, rtol=0)
