@@ -42,7 +42,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print(f"shape      {c.num_hidden_layers} layers, hidden {c.hidden_size}, heads {c.num_attention_heads} "
           f"(kv {c.num_key_value_heads}, head_dim {c.head_dim}), mlp {c.intermediate_size}, vocab {c.vocab_size}")
     print(f"rope       {c.rope_type}, theta {c.rope_theta:g}, max positions {c.max_position_embeddings}"
-          + (f", tied embeddings" if c.tie_word_embeddings else ""))
+          + (", tied embeddings" if c.tie_word_embeddings else ""))
     print(f"parameters {_human(model.num_parameters())} ({_human(model.num_parameters(exclude_embeddings=True))} "
           f"without embeddings), {_human(model.get_memory_footprint(), 'B')} in {model.dtype}")
     print(f"built in   {build_s:.2f} s")

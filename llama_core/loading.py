@@ -78,7 +78,7 @@ def _safetensors_headers(file: Path) -> dict[str, TensorInfo]:
     try:
         with safe_open(file, framework="pt") as f:
             out = {}
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 sl = f.get_slice(name)
                 out[name] = TensorInfo(file, tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype(), file, name))
             return out

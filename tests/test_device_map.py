@@ -120,7 +120,7 @@ def test_infer_device_map_too_small(cpu_only):
     """A max_memory the model cannot fit in is a ValueError naming the unit that did not fit."""
     with torch.device("meta"):
         model = LlamaForCausalLM(small_config(), init=False)
-    with pytest.raises(ValueError, match="model.embed_tokens"):
+    with pytest.raises(ValueError, match=r"model\.embed_tokens"):
         infer_device_map(model, torch.float32, max_memory={"cpu": "10KB"})
 
 
