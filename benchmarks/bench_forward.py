@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -127,6 +128,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=Path(__file__).parent).stdout.strip()
+    sha = sha or os.environ.get("LLAMA_CORE_GIT_SHA", "unknown")  # copies without .git (remote GPU runs)
     record = {"device": device_name, "torch": torch.__version__, "transformers": transformers.__version__,
               "git_sha": sha, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "settings": vars(args), "params": ours.num_parameters(), "results": rows}
