@@ -145,10 +145,11 @@ def _is_head_key(key: str, ckpt_prefix: str) -> bool:
     return ckpt_prefix == "" and key.split(".")[0] in ("lm_head", "score", "qa_outputs")
 
 
-def _check(model: torch.nn.Module, infos: dict[str, TensorInfo], names: dict[str, str]) -> tuple[set, set]:
+def _check(model: torch.nn.Module, infos: dict[str, TensorInfo], names: dict[str, str]) -> tuple[set, bool]:
     """Raise one ValueError listing every missing, unexpected, misshapen or non-float tensor.
 
-    Returns (keys to initialise because the head is new, whether lm_head must be tied to the embedding).
+    Returns the head keys to initialise (absent from a base checkpoint) and whether lm_head is to be tied
+    to the embedding (tied config, or no lm_head in the checkpoint).
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     tied = model.config.tie_word_embeddings and "lm_head.weight" in expected
@@ -237,14 +238,15 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
         del state
     bins.clear()
 
-    for key in to_init:
-        logger.warning("%s: %s is not in the checkpoint and was newly initialised; train it before use",
-                       cls.__name__, key)
-        module = model.get_submodule(key.rsplit(".", 1)[0])
-        module.to_empty(device=device_for(key, placement), recurse=False)
+    for module_name in sorted({key.rsplit(".", 1)[0] for key in to_init}):
+        keys = ", ".join(sorted(k for k in to_init if k.startswith(module_name + ".")))
+        logger.warning("%s: %s not in the checkpoint, newly initialised; train before use", cls.__name__, keys)
+        module = model.get_submodule(module_name)
+        module.to_empty(device=device_for(module_name, placement), recurse=False)
         module.to(target)
         model._init_module(module)
-    model.tie_weights() if tie else None
+    if tie:
+        model.tie_weights()
     base = model.base_model
     base.rotary_emb.reset_buffers(base.embed_tokens.weight.device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

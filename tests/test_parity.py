@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from llama_core import LlamaForCausalLM
+from llama_core import LlamaConfig, LlamaForCausalLM
 
 ATOL = 1e-4  # fp32 logits, per the numerics contract
 
@@ -118,3 +118,24 @@ def test_dynamic_rope_is_stateless_unlike_transformers(transformers_module, tmp_
         first = ours(short).logits
         ours(torch.randint(0, BASE["vocab_size"], (1, 60)))
         assert torch.equal(ours(short).logits, first)
+
+
+@pytest.mark.parametrize("case", ["gqa-8:2", "tied", "llama3", "bias", "head-dim-32", "dynamic-past-max"])
+def test_round_trip_ours_transformers_ours(transformers_module, tmp_path, case):
+    """Our sharded save loads in transformers with the same logits; transformers' re-save loads back
+    here bit for bit."""
+    fields = {**BASE, **CASES[case]}
+    torch.manual_seed(0)
+    ours = LlamaForCausalLM(LlamaConfig(**fields)).eval()
+    ours.save_pretrained(tmp_path / "ours", max_shard_size="40KB")
+    assert (tmp_path / "ours" / "model.safetensors.index.json").is_file()
+    ref = transformers_module.LlamaForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = torch.randint(0, BASE["vocab_size"], (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, ours(ids).logits, atol=ATOL, rtol=0)
+    ref.save_pretrained(tmp_path / "theirs")
+    back = LlamaForCausalLM.from_pretrained(tmp_path / "theirs")
+    assert back.config.tie_word_embeddings == ours.config.tie_word_embeddings
+    mine, theirs = ours.state_dict(), back.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
