@@ -93,3 +93,21 @@ def test_compiled_static_cache_decode_matches_eager(checkpoint_1b):
     want += [model(ids[:, t:t + 1], past_key_values=eager_cache, use_cache=True).logits for t in range(8, 40)]
     torch.testing.assert_close(torch.cat(got, 1), torch.cat(want, 1), atol=1e-3, rtol=0)
     assert cache.get_seq_length() == 40
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@torch.no_grad()
+def test_left_padded_batch_on_cuda_equals_each_row_alone(checkpoint_1b, backend):
+    """GQA + boolean padding masks through the CUDA SDPA kernels (fp32, so differences are not rounding)."""
+    model = LlamaForCausalLM.from_pretrained(checkpoint_1b, dtype=torch.float32, device="cuda",
+                                             attn_implementation=backend)
+    lengths = [48, 17, 5]
+    rows = [torch.randint(1, 128256, (n,), device="cuda") for n in lengths]
+    ids = torch.zeros(3, 48, dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, 48 - len(r):], mask[i, 48 - len(r):] = r, 1
+    batched = model(ids, attention_mask=mask).logits
+    assert torch.isfinite(batched).all()
+    for i, r in enumerate(rows):
+        torch.testing.assert_close(batched[i, 48 - len(r):], model(r[None]).logits[0], atol=1e-4, rtol=0)
