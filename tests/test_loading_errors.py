@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import llama_core.safetensors_io
 import llama_core.saving
 from llama_core import (
     LlamaForCausalLM,
@@ -328,16 +329,16 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     (ckpt / "tokenizer.json").write_text("{}")
     before = file_hashes(ckpt)
 
-    real_save_file = llama_core.saving.save_file
+    real_write = llama_core.safetensors_io.write_safetensors
     written = []
 
-    def save_then_fail(tensors, filename, *args, **kwargs):
+    def write_then_fail(filename, *args, **kwargs):
         if written:
             raise OSError("disk full")
         written.append(filename)
-        return real_save_file(tensors, filename, *args, **kwargs)
+        return real_write(filename, *args, **kwargs)
 
-    monkeypatch.setattr(llama_core.saving, "save_file", save_then_fail)
+    monkeypatch.setattr(llama_core.safetensors_io, "write_safetensors", write_then_fail)
     with pytest.raises(OSError, match="disk full"):
         random_model(seed=1).save_pretrained(ckpt, max_shard_size="30KB")
     assert len(written) == 1 and Path(written[0]).name.startswith("model-00001-of-")  # it failed midway

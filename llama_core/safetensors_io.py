@@ -1,0 +1,147 @@
+"""Writing safetensors files one tensor at a time, and atomic output directories.
+
+``safetensors.torch.save_file`` needs every tensor of a file in memory and copies each into a bytes object
+first, so a shard costs twice its size. The format is simple (an 8-byte little-endian header length, a
+JSON header of dtype/shape/byte offsets, then the raw bytes), so we write the header from the planned
+shapes and then stream each tensor's bytes as it is produced: one tensor in memory at a time.
+Files are read back with the safetensors library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for s in shape:
+        n *= s
+    return n
+
+
+def write_safetensors(path: str | os.PathLike, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                      tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (yielded in ``specs`` order, each matching its spec) to one safetensors file."""
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, (shape, dtype) in specs.items():
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"cannot store {name} of dtype {dtype} in safetensors")
+        size = _nbytes(shape, dtype)
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+    expected = iter(specs.items())
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, tensor in tensors:
+            want_name, (shape, dtype) = next(expected, (None, (None, None)))
+            if name != want_name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"tensor {name} {tuple(tensor.shape)} {tensor.dtype} does not match the planned "
+                                 f"{want_name} {shape} {dtype}")
+            data = tensor.detach().to("cpu").contiguous().reshape(-1)
+            f.write(data.view(torch.uint8).numpy().data if data.numel() else b"")
+        missing = [name for name, _ in expected]
+        if missing:
+            raise ValueError(f"stream ended before these tensors were written: {', '.join(missing[:5])}")
+
+
+def plan_shards(specs: dict[str, tuple[tuple[int, ...], torch.dtype]], max_shard_size: int) -> list[list[str]]:
+    """Greedy, in order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, (shape, dtype) in specs.items():
+        nbytes = _nbytes(shape, dtype)
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def write_sharded(directory: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                  tensors: Iterator[tuple[str, torch.Tensor]], max_shard_size: int,
+                  progress: Callable[[int], None] | None = None) -> list[str]:
+    """HF layout: ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus the index."""
+    shards = plan_shards(specs, max_shard_size)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    stream = iter(tensors)
+    for shard, file in zip(shards, names, strict=True):
+        shard_specs = {n: specs[n] for n in shard}
+
+        def take(count: int = len(shard)):
+            for _ in range(count):
+                item = next(stream, None)
+                if item is None:
+                    return
+                yield item
+                if progress:
+                    progress(item[1].numel() * item[1].element_size())
+
+        write_safetensors(directory / file, shard_specs, take())
+    if len(shards) > 1:
+        weight_map = {n: file for shard, file in zip(shards, names, strict=True) for n in shard}
+        index = {"metadata": {"total_size": sum(_nbytes(*s) for s in specs.values())}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return names
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of ``target`` to write into; on success it replaces ``target`` by renames,
+    so readers see the old directory or the new one, never a mix. Entries of an existing ``target`` for
+    which ``keep(name)`` is true are carried over (hard links where possible). On error nothing changes."""
+    target = Path(target).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            if not target.is_dir():
+                raise NotADirectoryError(f"{target} exists and is not a directory")
+            for item in target.iterdir():
+                if keep is not None and keep(item.name) and not (tmp / item.name).exists():
+                    _link_or_copy(item, tmp / item.name)
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=_link_or_copy_file)
+    else:
+        _link_or_copy_file(src, dst)
+
+
+def _link_or_copy_file(src, dst) -> None:
+    try:
+        os.link(src, dst)  # instant and no extra space; the old directory is deleted afterwards
+    except OSError:
+        shutil.copy2(src, dst)
