@@ -1,4 +1,19 @@
-"""Checkpoint conversion between Meta, llama2.c and Hugging Face formats.
+"""Streaming, bit-exact conversion between Meta, llama2.c and Hugging Face Llama checkpoints.
 
-Empty until the conversion work lands; llama_core loads Hugging Face checkpoints directly meanwhile.
+    python -m checkpoints_convert meta-to-hf --input llama-3-8b/ --output hf/
+    python -m checkpoints_convert hf-to-meta --input hf/ --output meta/ --num-shards 2
+    python -m checkpoints_convert llama2c-to-hf --input stories260K.bin --output hf/ --tokenizer tok512.model
+    python -m checkpoints_convert reshard --input hf/ --output hf-bf16/ --dtype bfloat16 --max-shard-size 2GB
+
+``LlamaForCausalLM.from_pretrained`` reads Meta directories and llama2.c files directly through the same
+readers (``read_meta``, ``read_llama2c``).
 """
+
+from .convert import hf_to_meta, llama2c_to_hf, meta_to_hf, reshard
+from .hf import read_hf, write_hf
+from .llama2c import read_llama2c
+from .meta import read_meta
+from .source import CheckpointSource, TensorSpec
+
+__all__ = ["CheckpointSource", "TensorSpec", "hf_to_meta", "llama2c_to_hf", "meta_to_hf", "read_hf", "read_llama2c",
+           "read_meta", "reshard", "write_hf"]

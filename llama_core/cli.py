@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_summary)
+    from checkpoints_convert.cli import add_arguments, run
+
+    c = sub.add_parser("convert", help="convert checkpoints between Meta, llama2.c and HF formats")
+    add_arguments(c)
+    c.set_defaults(func=run)
     return parser
 
 

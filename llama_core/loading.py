@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,55 @@ def _check(model: torch.nn.Module, infos: dict[str, TensorInfo], names: dict[str
     return to_init, tie
 
 
+# ---------------------------------------------------------------------- any supported checkpoint
+TensorStream = Callable[[], Iterator[tuple[str, torch.Tensor]]]
+
+
+def open_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = None, cache_dir: Any = None,
+                    token: Any = None) -> tuple[LlamaConfig, dict[str, TensorInfo], TensorStream]:
+    """Config, tensor headers and a one-pass tensor stream for an HF directory or hub id, a Meta
+    checkpoint directory (params.json + consolidated.*.pth) or a llama2.c ``.bin`` file; the last two are
+    converted on the fly by checkpoints_convert (HF names, rotate-half layout)."""
+    path = Path(path_or_hub_id).expanduser()
+    source = None
+    if path.is_file():
+        from checkpoints_convert.llama2c import read_llama2c
+
+        source = read_llama2c(path)
+    elif path.is_dir() and not (path / "config.json").exists():
+        from checkpoints_convert.meta import is_meta_checkpoint, read_meta
+
+        if is_meta_checkpoint(path):
+            source = read_meta(path)
+    if source is not None:
+        infos = {name: TensorInfo(path, spec.shape, spec.dtype) for name, spec in source.specs.items()}
+        return source.config, infos, source.stream
+
+    directory = resolve_checkpoint(path_or_hub_id, revision=revision, cache_dir=cache_dir, token=token)
+    config = LlamaConfig.from_pretrained(directory)
+    kind, files = _weight_files(directory)
+    infos, bins = read_headers(kind, files)
+
+    def stream() -> Iterator[tuple[str, torch.Tensor]]:
+        for file in files:  # one shard at a time: its mapping is released before the next is opened
+            if kind == "safetensors":
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                        yield name, f.get_tensor(name)
+            else:
+                yield from bins.pop(file).items()
+
+    return config, infos, stream
+
+
+def _assign(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the parameter ``key`` (no copy), as load_state_dict(assign=True) does."""
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = module._parameters[leaf]
+    module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+
+
 # ---------------------------------------------------------------------- entry point
 def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any = None, device: Any = "cpu",
                     attn_implementation: str | None = None, device_map: str | dict | None = None,
@@ -195,16 +245,13 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
         if dtype is not None:
             raise ValueError("pass dtype or its alias torch_dtype, not both")
         dtype = torch_dtype
-    directory = resolve_checkpoint(path_or_hub_id, revision=revision, cache_dir=cache_dir, token=token)
-    if config is None:
-        config = LlamaConfig.from_pretrained(directory)
+    found_config, infos, stream = open_checkpoint(path_or_hub_id, revision, cache_dir, token)
+    config = config or found_config
     if config_overrides:
         config = config.replace(**config_overrides)
     if attn_implementation is not None:
         config = config.replace(attn_implementation=attn_implementation)
 
-    kind, files = _weight_files(directory)
-    infos, bins = read_headers(kind, files)
     if dtype == "auto":
         stored = next((i.dtype for i in infos.values() if i.dtype.is_floating_point), torch.float32)
         target = parse_dtype(config.dtype) if config.dtype else stored
@@ -217,26 +264,16 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
     to_init, tie = _check(model, infos, names)
     placement = resolve_device_map(model, device_map, device, target, max_memory)
     if tie and not config.tie_word_embeddings:
-        logger.info("%s has no lm_head.weight: tying it to the input embedding", directory)
+        logger.info("%s has no lm_head.weight: tying it to the input embedding", path_or_hub_id)
         model.config.tie_word_embeddings = True
 
     expected = model.state_dict(keep_vars=True)
-    by_file: dict[Path, list[str]] = {}
-    for key, ckpt_key in names.items():
-        if key in expected and not (tie and key == "lm_head.weight"):
-            by_file.setdefault(infos[ckpt_key].file, []).append(key)
-    for file, keys in by_file.items():  # one shard at a time
-        state = {}
-        if kind == "safetensors":
-            with safe_open(file, framework="pt") as f:
-                for key in keys:
-                    state[key] = _place(f.get_tensor(names[key]), target, device_for(key, placement))
-        else:
-            for key in keys:
-                state[key] = _place(bins[file][names[key]], target, device_for(key, placement))
-        model.load_state_dict(state, strict=False, assign=True)
-        del state
-    bins.clear()
+    wanted = {ckpt_key: key for key, ckpt_key in names.items()
+              if key in expected and not (tie and key == "lm_head.weight")}
+    for ckpt_key, tensor in stream():  # one tensor at a time, straight into the model
+        key = wanted.get(ckpt_key)
+        if key is not None:
+            _assign(model, key, _place(tensor, target, device_for(key, placement)))
 
     for module_name in sorted({key.rsplit(".", 1)[0] for key in to_init}):
         keys = ", ".join(sorted(k for k in to_init if k.startswith(module_name + ".")))

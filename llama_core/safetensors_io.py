@@ -98,6 +98,9 @@ def write_sharded(directory: Path, specs: dict[str, tuple[tuple[int, ...], torch
                     progress(item[1].numel() * item[1].element_size())
 
         write_safetensors(directory / file, shard_specs, take())
+    extra = next(stream, None)  # also runs the source to its end, where sources make final checks
+    if extra is not None:
+        raise ValueError(f"the tensor stream has more tensors than planned, starting with {extra[0]}")
     if len(shards) > 1:
         weight_map = {n: file for shard, file in zip(shards, names, strict=True) for n in shard}
         index = {"metadata": {"total_size": sum(_nbytes(*s) for s in specs.values())}, "weight_map": weight_map}
