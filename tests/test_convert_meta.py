@@ -208,10 +208,10 @@ def test_missing_rank_and_different_tensor_sets(meta_dir, tmp_path):
     rank1 = torch.load(meta_dir / "consolidated.01.pth", weights_only=True)
     del rank1["layers.0.ffn_norm.weight"]
     torch.save(rank1, meta_dir / "consolidated.01.pth")
-    with pytest.raises(ValueError, match="layers.0.ffn_norm.weight"):
+    with pytest.raises(ValueError, match=r"layers\.0\.ffn_norm\.weight"):
         read_meta(meta_dir)
     (meta_dir / "consolidated.01.pth").rename(meta_dir / "consolidated.02.pth")
-    with pytest.raises(ValueError, match="numbered 00..01"):
+    with pytest.raises(ValueError, match=r"numbered 00\.\.01"):
         read_meta(meta_dir)
 
 
