@@ -1,4 +1,7 @@
-"""from_pretrained: stream Hugging Face checkpoints into a model built on the meta device.
+"""from_pretrained: stream a checkpoint into a model built on the meta device.
+
+Hugging Face directories and hub ids are read here; Meta checkpoint directories and llama2.c files go
+through checkpoints_convert's readers, which yield the same HF-named tensors.
 
 Memory: the model is built on ``meta`` (no storage), safetensors are memory-mapped and each tensor is
 assigned into the model as it is (``load_state_dict(assign=True)``), so loading in the stored dtype on the
