@@ -224,6 +224,12 @@ def read_meta(directory: str | Path, dtype: torch.dtype | None = None, group_byt
     unknown = [k for k in keys if meta_to_hf_name(k) is None]
     if unknown:
         raise ValueError(f"{directory}: unknown Meta tensor names: {', '.join(unknown[:6])}")
+    required = ["tok_embeddings.weight", "norm.weight"] + [
+        f"layers.{i}.{suffix}" for i in range(params["n_layers"]) for suffix in _LAYER_NAMES]
+    missing = [k for k in required if k not in shapes[0]]
+    if missing:
+        raise ValueError(f"{directory} (n_layers={params['n_layers']} in params.json) is missing "
+                         f"{len(missing)} tensors: {', '.join(missing[:6])}")
     dtypes = {d for s in shapes for _, d in s.values()}
     if len(dtypes) != 1:
         raise ValueError(f"{directory}: mixed dtypes {sorted(map(str, dtypes))}; a Meta checkpoint has one")
@@ -257,7 +263,7 @@ def read_meta(directory: str | Path, dtype: torch.dtype | None = None, group_byt
         merged[key] = tuple(full)
 
     vocab = merged["tok_embeddings.weight"][0]
-    intermediate = merged["layers.0.feed_forward.w1.weight"][0] if "layers.0.feed_forward.w1.weight" in merged else 0
+    intermediate = merged["layers.0.feed_forward.w1.weight"][0]
     config = params_to_config(params, vocab, intermediate, "output.weight" not in merged, target,
                               max_position_embeddings)
     heads = {"attention.wq.weight": config.num_attention_heads, "attention.wk.weight": config.num_key_value_heads}
@@ -291,7 +297,7 @@ def read_meta(directory: str | Path, dtype: torch.dtype | None = None, group_byt
                 if suffix in heads:
                     t = interleaved_to_half(t, heads[suffix])
                 yield meta_to_hf_name(k), t.to(target)
-            del states, parts
+            del states  # releases this group's memory maps
 
     return CheckpointSource(config, specs, stream, str(directory))
 

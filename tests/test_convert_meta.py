@@ -260,3 +260,11 @@ def test_command_lines(tmp_path, capsys):
     assert convert_main(["meta-to-hf", "--input", str(tmp_path / "meta"), "--output", str(tmp_path / "back"),
                          "--no-progress"]) == 2
     assert "--force" in capsys.readouterr().err
+
+
+def test_params_and_tensors_disagree_on_depth(meta_dir):
+    params = json.loads((meta_dir / "params.json").read_text())
+    params["n_layers"] = 3
+    (meta_dir / "params.json").write_text(json.dumps(params))
+    with pytest.raises(ValueError, match=r"n_layers=3 in params.json\) is missing 9 tensors: layers\.2\."):
+        read_meta(meta_dir)
