@@ -29,8 +29,8 @@ def _check_paths(inputs: Path, output: Path, force: bool) -> None:
     inputs, output = inputs.expanduser().resolve(), output.expanduser().resolve()
     if not inputs.exists():
         raise FileNotFoundError(f"input not found: {inputs}")
-    root = inputs if inputs.is_dir() else inputs.parent
-    if output == root or root in output.parents or (inputs.is_dir() and output in inputs.parents):
+    # Writing into the input, or replacing a directory that contains it, could destroy it.
+    if output == inputs or inputs in output.parents or output in inputs.parents:
         raise ValueError(f"output {output} overlaps the input {inputs}; the input is never modified")
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
         raise FileExistsError(f"output {output} exists and is not empty; pass --force to replace it")

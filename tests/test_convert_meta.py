@@ -268,3 +268,11 @@ def test_params_and_tensors_disagree_on_depth(meta_dir):
     (meta_dir / "params.json").write_text(json.dumps(params))
     with pytest.raises(ValueError, match=r"n_layers=3 in params.json\) is missing 9 tensors: layers\.2\."):
         read_meta(meta_dir)
+
+
+def test_output_may_sit_beside_the_input_but_never_contain_it(meta_dir, tmp_path):
+    meta_to_hf(meta_dir, meta_dir.parent / "sibling", progress=False)  # same parent: fine
+    assert (meta_dir.parent / "sibling" / "config.json").is_file()
+    with pytest.raises(ValueError, match="overlaps the input"):
+        meta_to_hf(meta_dir, meta_dir.parent, force=True, progress=False)  # would replace the input's parent
+    assert (meta_dir / "params.json").is_file()
