@@ -152,7 +152,11 @@ def config_to_params(config: LlamaConfig) -> dict[str, Any]:
         params["vocab_size"] = config.vocab_size
     if ffn_hidden_dim(config.hidden_size, params.get("multiple_of", 256),
                       params.get("ffn_dim_multiplier")) != config.intermediate_size:
-        params.update(_ffn_params(config.hidden_size, config.intermediate_size))
+        multiple_of, multiplier = _ffn_params(config.hidden_size, config.intermediate_size)
+        params["multiple_of"] = multiple_of
+        params.pop("ffn_dim_multiplier", None)
+        if multiplier is not None:  # released params.json files omit the key rather than write null
+            params["ffn_dim_multiplier"] = multiplier
     if config.rope_type == "llama3":
         params["use_scaled_rope"] = True
         for key, default in _LLAMA3_ROPE_DEFAULTS.items():
@@ -164,14 +168,13 @@ def config_to_params(config: LlamaConfig) -> dict[str, Any]:
     return params
 
 
-def _ffn_params(dim: int, intermediate: int) -> dict[str, Any]:
-    """multiple_of / ffn_dim_multiplier reproducing ``intermediate`` under Meta's sizing formula."""
+def _ffn_params(dim: int, intermediate: int) -> tuple[int, float | None]:
+    """(multiple_of, ffn_dim_multiplier) reproducing ``intermediate`` under Meta's sizing formula."""
     for multiple_of in (4096, 1024, 256):  # the values of released models first
         for multiplier in (None, 1.0, 1.3, 1.5):
             if ffn_hidden_dim(dim, multiple_of, multiplier) == intermediate:
-                return {"multiple_of": multiple_of, "ffn_dim_multiplier": multiplier}
-    base = int(2 * (4 * dim) / 3)
-    return {"multiple_of": intermediate, "ffn_dim_multiplier": intermediate / base}
+                return multiple_of, multiplier
+    return intermediate, intermediate / int(2 * (4 * dim) / 3)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -282,24 +285,30 @@ def read_meta(directory: str | Path, dtype: torch.dtype | None = None, group_byt
             groups[-1].append(k)
             size += nbytes
         for group in groups:
-            states = [_open_shard(f) for f in files]
-            for k in group:
-                axis = split_dim(k, embedding_dim)
-                parts = [s[k] for s in states]
-                if axis is None or n == 1:
-                    for f, p in zip(files[1:], parts[1:], strict=True):
-                        if not torch.equal(p, parts[0]):
-                            raise ValueError(f"replicated tensor {k} differs between {files[0].name} and {f.name}")
-                    t = parts[0]
-                else:
-                    t = torch.cat(parts, dim=axis)
-                suffix = _LAYER.match(k).group(2) if _LAYER.match(k) else k
-                if suffix in heads:
-                    t = interleaved_to_half(t, heads[suffix])
-                yield meta_to_hf_name(k), t.to(target)
-            del states  # releases this group's memory maps
+            yield from _merge_group(files, group, embedding_dim, heads, target)
 
     return CheckpointSource(config, specs, stream, str(directory))
+
+
+def _merge_group(files: list[Path], group: list[str], embedding_dim: int | None, heads: dict[str, int],
+                 target: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Map every rank file, yield this group's merged HF tensors, then let the maps go. A function of
+    its own so no local (a slice, a replicated norm) keeps a map, and its pages, alive past the group."""
+    states = [_open_shard(f) for f in files]
+    for k in group:
+        axis = split_dim(k, embedding_dim)
+        parts = [s[k] for s in states]
+        if axis is None or len(parts) == 1:
+            for f, p in zip(files[1:], parts[1:], strict=True):
+                if not torch.equal(p, parts[0]):
+                    raise ValueError(f"replicated tensor {k} differs between {files[0].name} and {f.name}")
+            t = parts[0]
+        else:
+            t = torch.cat(parts, dim=axis)
+        suffix = _LAYER.match(k).group(2) if _LAYER.match(k) else k
+        if suffix in heads:
+            t = interleaved_to_half(t, heads[suffix])
+        yield meta_to_hf_name(k), t.to(target)
 
 
 def _hf_order(meta_key: str) -> tuple:
