@@ -7,6 +7,7 @@ from .model import LlamaForCausalLM, LlamaModel
 from .outputs import BaseModelOutput, CausalLMOutput, QuestionAnsweringOutput, SequenceClassifierOutput
 from .presets import PRESETS, preset_names
 from .pretrained import LlamaPreTrainedModel
+from .tokenizer import IncrementalDecoder, Tokenizer
 
 __version__ = "0.1.0"
 
@@ -16,6 +17,7 @@ __all__ = [
     "Cache",
     "CausalLMOutput",
     "DynamicCache",
+    "IncrementalDecoder",
     "LlamaConfig",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",
@@ -25,5 +27,6 @@ __all__ = [
     "QuestionAnsweringOutput",
     "SequenceClassifierOutput",
     "StaticCache",
+    "Tokenizer",
     "preset_names",
 ]

@@ -1,0 +1,295 @@
+"""`Tokenizer`: one class over the three tokenizer files Llama models ship with.
+
+`Tokenizer.from_pretrained(dir_or_hub_id)` picks the backend from what the directory holds (see
+`tokenizer_backends.py`): an HF `tokenizer.json` first, else a `tokenizer.model` that is either a Llama 3 tiktoken
+ranks file or a sentencepiece model. On top of any backend this class adds BOS/EOS, batching with padding, chat
+prompts (`chat.py`) and decoding through per-token bytes (`detokenize.py`), so streaming equals `decode`.
+
+Conventions, the same for every backend:
+- special-token text typed by a user is ordinary text unless `allow_special=True` (chat templates set it);
+- `decode` keeps special tokens as their text unless `skip_special_tokens=True`, and never "cleans up"
+  spaces (transformers' `clean_up_tokenization_spaces` breaks `decode(encode(x)) == x`);
+- `pad_id` is the tokenizer's pad token, else Llama 3's `<|finetune_right_pad_id|>`, else EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama_core import chat, detokenize, tiktoken_llama3
+from llama_core.detokenize import IncrementalDecoder
+from llama_core.hub import _HUB_ID, _offline
+from llama_core.tokenizer_backends import Backend, HFBackend, SentencePieceBackend, TiktokenBackend
+
+logger = logging.getLogger(__name__)
+
+# What from_pretrained downloads from the hub: the tokenizer, its config (chat template, special tokens), never
+# the weights. Meta's original tokenizer.model sits under original/ in HF repos and is not needed there.
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja"]
+
+__all__ = ["TOKENIZER_FILES", "IncrementalDecoder", "Tokenizer"]
+
+
+def _resolve(path_or_hub_id: str | os.PathLike, revision: str | None, cache_dir: str | os.PathLike | None,
+             token: str | bool | None) -> Path:
+    """A local file or directory; hub ids are downloaded (tokenizer files only) or found in the cache."""
+    path = Path(path_or_hub_id).expanduser()
+    if path.exists():
+        return path
+    name = str(path_or_hub_id)
+    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no such tokenizer directory or file: {name}")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
+                                      allow_patterns=TOKENIZER_FILES, local_files_only=_offline()))
+    except LocalEntryNotFoundError as e:
+        if _offline():
+            raise OSError(f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so its "
+                          f"tokenizer cannot be downloaded; download it once online or pass a local directory") from e
+        raise OSError(f"could not download the tokenizer of {name} (and it is not cached): {e}") from e
+    except HfHubHTTPError as e:
+        raise OSError(f"could not download the tokenizer of {name} from the Hugging Face hub: {e}") from e
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _check_text(text: object) -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}" +
+                        ("; call the tokenizer itself, tok(texts), for a batch" if isinstance(text, (list, tuple)) else ""))
+    return text
+
+
+class Tokenizer:
+    """Llama tokenizer: encode/decode, padded batches, chat prompts, streaming decoding."""
+
+    def __init__(self, backend: Backend, chat_template: str | None = None,
+                 config: Mapping[str, Any] | None = None, name_or_path: str = ""):
+        self.backend = backend
+        self.chat_template = chat_template
+        self.name_or_path = name_or_path
+        config = config or {}
+        self._special_ids = frozenset(backend.special_tokens.values())
+        self._special_text = {i: t for t, i in backend.special_tokens.items()}
+
+        def token_text(key: str, i: int | None) -> str | None:
+            value = config.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                return value
+            return self._special_text.get(i) if i is not None else None
+
+        # What chat templates see as bos_token / eos_token / pad_token, as transformers passes them.
+        self._template_tokens = {"bos_token": token_text("bos_token", backend.bos_id),
+                                 "eos_token": token_text("eos_token", backend.eos_id),
+                                 "pad_token": token_text("pad_token", backend.pad_id)}
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, revision: str | None = None,
+                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> Tokenizer:
+        """Load from a directory (or a tokenizer file in it) or a hub id. Looks for `tokenizer.json`, then
+        `tokenizer.model`; a `tokenizer_config.json` / `chat_template.jinja` beside it supplies the chat template
+        and, for `tokenizer.json`, the BOS/EOS/pad tokens."""
+        path = _resolve(path_or_hub_id, revision, cache_dir, token)
+        directory = path if path.is_dir() else path.parent
+        if path.is_dir():
+            found = [directory / n for n in ("tokenizer.json", "tokenizer.model") if (directory / n).is_file()]
+            if not found:
+                raise FileNotFoundError(f"no tokenizer in {directory}: looked for tokenizer.json (Hugging Face "
+                                        f"tokenizers) and tokenizer.model (sentencepiece, or Llama 3 tiktoken ranks)")
+            path = found[0]
+        config = _read_config(directory)
+        jinja_file = directory / "chat_template.jinja"
+        template = (jinja_file.read_text(encoding="utf-8") if jinja_file.is_file()
+                    else chat.pick_template(config.get("chat_template")))
+
+        backend: Backend
+        if path.suffix == ".json":
+            backend = HFBackend(path, config)
+        elif tiktoken_llama3.looks_like_ranks_file(path):
+            backend = TiktokenBackend(path)
+        else:
+            backend = SentencePieceBackend(path)
+        logger.info("loaded %s tokenizer from %s: %d ids, chat template: %s", backend.kind, path,
+                    backend.vocab_size, "from config" if template else "built-in")
+        return cls(backend, template, config, str(path_or_hub_id))
+
+    # ---- vocabulary -------------------------------------------------------------------------------------------
+
+    @property
+    def kind(self) -> str:
+        """"sentencepiece", "tiktoken" or "hf": which file format and library is underneath."""
+        return self.backend.kind
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids including special tokens (Llama 3: 128256), i.e. max id + 1."""
+        return self.backend.vocab_size
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.backend.bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.backend.eos_id
+
+    @property
+    def pad_id(self) -> int | None:
+        """The pad token; Llama tokenizers have none, so `<|finetune_right_pad_id|>` (Llama 3.1+) or EOS."""
+        return self.backend.pad_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end generation: EOS, and for Llama 3 also <|eot_id|> and <|eom_id|>."""
+        return list(self.backend.stop_ids)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Text -> id of every special (control) token."""
+        return dict(self.backend.special_tokens)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return self._special_ids
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a token given as its vocabulary string (e.g. "<|eot_id|>", "▁the"), or None."""
+        return self.backend.token_to_id(token)
+
+    # ---- encoding ---------------------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False, allow_special: bool = False) -> list[int]:
+        """Token ids of `text`. Special-token text in it ("<|eot_id|>", "</s>") is encoded as ordinary text unless
+        `allow_special`, so user input cannot inject control tokens."""
+        return self._wrap(self.backend.encode(_check_text(text), allow_special), add_bos, add_eos)
+
+    def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        if add_bos:
+            if self.bos_id is None:
+                raise ValueError("this tokenizer has no BOS token; pass add_bos=False")
+            ids = [self.bos_id, *ids]
+        if add_eos:
+            if self.eos_id is None:
+                raise ValueError("this tokenizer has no EOS token; pass add_eos=False")
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def __call__(self, text: str | Sequence[str], *, add_bos: bool = True, add_eos: bool = False,
+                 allow_special: bool = False, padding: bool | str = True, padding_side: str = "left",
+                 return_tensors: str | None = "pt") -> dict[str, Any]:
+        """Encode a batch (or one string, as a batch of one) into `input_ids` and `attention_mask`.
+
+        Padding (with `pad_id`) is on the left by default: batched generation appends to the right end of every
+        row. Use `padding_side="right"` for training. `return_tensors="pt"` gives LongTensors [batch, seq];
+        None gives lists.
+        """
+        texts = [text] if isinstance(text, str) else text
+        if isinstance(texts, (bytes, Mapping)) or not isinstance(texts, Sequence):
+            raise TypeError(f"text must be a str or a list of str, got {type(text).__name__}")
+        if not texts:
+            raise ValueError("cannot encode an empty batch")
+        for k, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"text {k} of the batch must be a str, got {type(t).__name__}")
+        if padding not in (True, False, "longest", "do_not_pad"):
+            raise ValueError(f"padding must be True/'longest' or False/'do_not_pad', got {padding!r}")
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+
+        rows = [self._wrap(ids, add_bos, add_eos) for ids in self.backend.encode_batch(list(texts), allow_special)]
+        masks = [[1] * len(r) for r in rows]
+        if padding in (True, "longest"):
+            if self.pad_id is None:
+                raise ValueError("this tokenizer has no pad id (no pad, EOS or <|finetune_right_pad_id|> token)")
+            width = max(map(len, rows))
+            for k, row in enumerate(rows):
+                fill = width - len(row)
+                if padding_side == "left":
+                    rows[k], masks[k] = [self.pad_id] * fill + row, [0] * fill + masks[k]
+                else:
+                    rows[k], masks[k] = row + [self.pad_id] * fill, masks[k] + [0] * fill
+        if return_tensors is None:
+            return {"input_ids": rows, "attention_mask": masks}
+        if len(set(map(len, rows))) > 1:
+            raise ValueError("sequences have different lengths; pass padding=True to get tensors")
+        return {"input_ids": torch.tensor(rows, dtype=torch.long), "attention_mask": torch.tensor(masks, dtype=torch.long)}
+
+    # ---- decoding ---------------------------------------------------------------------------------------------
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        """Text of `ids` (a list of ints or a 1-D tensor). Ids outside the vocabulary raise ValueError."""
+        return detokenize.decode(self.backend.byte_vocab, ids, skip_special_tokens)
+
+    def incremental_decoder(self, skip_special_tokens: bool = False) -> IncrementalDecoder:
+        """A streaming decoder: `.add(ids)` returns complete characters only, `.flush()` the rest at the end."""
+        return IncrementalDecoder(self.backend.byte_vocab, skip_special_tokens)
+
+    # ---- chat -------------------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            tokenize: bool = True, **template_kwargs: Any) -> list[int] | str:
+        """A chat prompt from `[{"role": ..., "content": ...}, ...]`: ids, or the prompt text if not `tokenize`.
+
+        With a Jinja chat template (tokenizer_config.json or chat_template.jinja) it is rendered as transformers
+        does and encoded with special tokens recognised; `template_kwargs` go to the template. Without one,
+        Llama 3 tokenizers use Meta's header format and the others Meta's Llama 2 `[INST]` format; there the
+        message contents are encoded as ordinary text, so they cannot inject special tokens.
+        """
+        if self.chat_template is not None:
+            text = chat.render_template(self.chat_template, messages, add_generation_prompt,
+                                        self._template_tokens, **template_kwargs)
+            return self.encode(text, add_bos=False, allow_special=True) if tokenize else text
+        if template_kwargs:
+            raise TypeError(f"{sorted(template_kwargs)}: extra arguments only apply to Jinja chat templates, and "
+                            f"this tokenizer uses the built-in format")
+        special = self.backend.special_tokens
+        if all(n in special for n in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")):
+            segments = chat.llama3_segments(messages, add_generation_prompt, special)
+        elif self.bos_id is not None and self.eos_id is not None:
+            segments = chat.llama2_segments(messages, self.bos_id, self.eos_id)
+        else:
+            raise ValueError("this tokenizer has no chat template and neither Llama 3 header tokens nor BOS/EOS "
+                             "for the Llama 2 format")
+        if not tokenize:
+            return "".join(self._special_text[s] if isinstance(s, int) else s for s in segments)
+        ids: list[int] = []
+        for s in segments:
+            if isinstance(s, int):
+                ids.append(s)
+            else:
+                ids += self.backend.encode(s, allow_special=False)
+        return ids
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, name_or_path={self.name_or_path!r})"
