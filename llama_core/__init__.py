@@ -2,6 +2,7 @@
 
 from .cache import Cache, DynamicCache, StaticCache
 from .config import LlamaConfig
+from .generation import GenerationOutput, generate, stream_generate
 from .heads import LlamaForQuestionAnswering, LlamaForSequenceClassification
 from .model import LlamaForCausalLM, LlamaModel
 from .outputs import BaseModelOutput, CausalLMOutput, QuestionAnsweringOutput, SequenceClassifierOutput
@@ -17,6 +18,7 @@ __all__ = [
     "Cache",
     "CausalLMOutput",
     "DynamicCache",
+    "GenerationOutput",
     "IncrementalDecoder",
     "LlamaConfig",
     "LlamaForCausalLM",
@@ -28,5 +30,7 @@ __all__ = [
     "SequenceClassifierOutput",
     "StaticCache",
     "Tokenizer",
+    "generate",
     "preset_names",
+    "stream_generate",
 ]

@@ -163,6 +163,14 @@ class StaticCache(Cache):
         rows.index_copy_(1, cache_position, position_ids.to(rows.dtype))
         return rows
 
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows in place (beam search), keeping the buffers' addresses: compiled graphs and
+        CUDA graphs point at them. Rows past ``len(index)`` are left as they are."""
+        for t in (*self.keys, *self.values, self.positions):
+            if t is not None:
+                rows = t[: index.shape[0]]
+                rows.copy_(rows.index_select(0, index.to(t.device)))
+
     def reset(self) -> None:
         """Empty the cache in place, keeping the buffers (and so any compiled graph) for reuse."""
         for t in (*self.keys, *self.values):

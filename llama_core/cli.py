@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_summary)
     from checkpoints_convert.cli import add_arguments, run
 
+    from .cli_generate import add_commands
+
+    add_commands(sub)
+
     c = sub.add_parser("convert", help="convert checkpoints between Meta, llama2.c and HF formats")
     add_arguments(c)
     c.set_defaults(func=run)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -124,6 +126,12 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         logits = self.lm_head(h.to(self.lm_head.weight.device))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits, loss, out.past_key_values, out.hidden_states)
+
+    def generate(self, input_ids: Tensor, **kwargs: Any) -> Any:
+        """Continue ``input_ids``; see :func:`llama_core.generation.generate` for the options."""
+        from .generation import generate
+
+        return generate(self, input_ids, **kwargs)
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:

@@ -241,3 +241,18 @@ def test_static_cache_decode_compiles_to_one_graph():
     assert counters["stats"]["unique_graphs"] == 1
     assert cache.get_seq_length() == 16
     torch.testing.assert_close(torch.cat(logits, 1), model(ids).logits, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_static_cache_reorder_is_in_place_and_selects_rows():
+    model = random_model()
+    ids = torch.randint(0, 128, (3, 5))
+    cache = StaticCache(model.config, max_batch_size=3, max_cache_len=8)
+    model(ids, past_key_values=cache, use_cache=True)
+    pointers = [t.data_ptr() for t in cache.keys]
+    cache.reorder(torch.tensor([2, 2, 0]))
+    assert [t.data_ptr() for t in cache.keys] == pointers  # compiled / CUDA graphs keep pointing at them
+    nxt = torch.randint(0, 128, (3, 1))
+    got = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1]
+    want = model(torch.cat([ids[[2, 2, 0]], nxt], 1)).logits[:, -1]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)

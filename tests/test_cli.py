@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
-from llama_core import LlamaForCausalLM
+import pytest
+
+from checkpoints_convert import llama2c_to_hf
+from llama_core import LlamaForCausalLM, Tokenizer
 from llama_core.cli import main
-from tests.conftest import small_config
+from tests.conftest import assets_dir, small_config
 
 
 def test_summary_of_a_preset(capsys):
@@ -33,3 +37,72 @@ def test_console_script_is_installed_or_module_runs():
     """The entry point the README uses (run as a module, so the test does not depend on PATH)."""
     result = subprocess.run([sys.executable, "-m", "llama_core.cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("llama-core ")
+
+
+STORIES = assets_dir() / "stories260K"
+needs_stories = pytest.mark.skipif(not (STORIES / "stories260K.bin").is_file(),
+                                   reason=f"stories260K assets not found under {STORIES}")
+
+
+@pytest.fixture(scope="module")
+def stories_hf(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "stories"
+    llama2c_to_hf(STORIES / "stories260K.bin", out, tokenizer=STORIES / "tok512.model", progress=False)
+    return out
+
+
+@needs_stories
+def test_generate_tells_the_story_and_reports_speed(stories_hf, capsys):
+    assert main(["generate", "--model", str(stories_hf), "--prompt", "", "--max-new-tokens", "40"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("Once upon a time, there was a little girl named Lily.")
+    assert "prompt: 1 tokens" in err and "decode: 39 tokens" in err and "tokens/s" in err
+
+
+@needs_stories
+def test_generate_with_sampling_is_reproducible(stories_hf, capsys):
+    argv = ["generate", "--model", str(stories_hf), "--prompt", "Tom", "--max-new-tokens", "30",
+            "--temperature", "0.9", "--top-p", "0.95", "--seed", "7"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    assert capsys.readouterr().out == first and len(first) > 20
+
+
+@needs_stories
+def test_chat_keeps_its_cache_across_turns(stories_hf, capsys, monkeypatch):
+    """Two turns; the second reuses the cache for the prefix the re-rendered template shares with what was
+    already fed, so it feeds far fewer tokens than the whole conversation."""
+    fed: list[int] = []
+    original = LlamaForCausalLM.forward
+
+    def spy(self, input_ids=None, *args, **kwargs):
+        fed.append(input_ids.shape[1])
+        return original(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nTell me more\n"))
+    assert main(["chat", "--model", str(stories_hf), "--max-new-tokens", "8"]) == 0
+    replies = capsys.readouterr().out.split("> ")
+    assert len([r for r in replies if r.strip()]) == 2
+    prefills = [n for n in fed if n > 1]
+    assert len(prefills) == 2
+    tok = Tokenizer.from_pretrained(stories_hf)
+    first_prompt = tok.apply_chat_template([{"role": "user", "content": "Hello there"}])
+    assert prefills[0] == len(first_prompt)
+    reply = next(r for r in replies if r.strip()).rstrip("\n")
+    second = tok.apply_chat_template([{"role": "user", "content": "Hello there"},
+                                      {"role": "assistant", "content": reply},
+                                      {"role": "user", "content": "Tell me more"}])
+    assert prefills[1] < len(second) - 5, (prefills, len(second))  # the shared prefix came from the cache
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["generate", "--model", "/nonexistent/model", "--prompt", "x"], "no such"),
+    (["generate", "--model", ".", "--prompt", "x", "--top-p", "0"], "--top-p"),
+    (["generate", "--model", ".", "--prompt", "x", "--temperature", "-1"], "--temperature"),
+])
+def test_generate_errors_are_short(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
