@@ -24,16 +24,19 @@ def _offline() -> bool:
 
 
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = None,
-                       cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> Path:
-    """A local directory holding the checkpoint; hub ids are downloaded (or found in the cache)."""
+                       cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
+                       allow_patterns: list[str] | None = None, what: str = "checkpoint",
+                       allow_file: bool = False) -> Path:
+    """A local directory (or file, with ``allow_file``) holding the ``what``; hub ids are downloaded (only
+    ``allow_patterns``, default: the weights and config) or found in the cache."""
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+        if not path.is_dir() and not allow_file:
+            raise ValueError(f"{path} is a file; pass the {what} directory that holds config.json")
         return path
     name = str(path_or_hub_id)
     if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no such checkpoint directory: {name}")
+        raise FileNotFoundError(f"no such {what} directory{' or file' if allow_file else ''}: {name}")
 
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -41,13 +44,14 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None =
     try:
         # local_files_only: never reach the network when offline, even if the variable was set after import.
         return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
-                                      allow_patterns=HUB_PATTERNS, local_files_only=_offline()))
+                                      allow_patterns=allow_patterns or HUB_PATTERNS, local_files_only=_offline()))
     except LocalEntryNotFoundError as e:
         if _offline():
             raise OSError(
-                f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so it cannot be "
-                f"downloaded; download it once online or pass a local directory"
+                f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so its {what} cannot "
+                f"be downloaded; download it once online or pass a local directory"
             ) from e
-        raise OSError(f"could not download {name} from the Hugging Face hub (and it is not cached): {e}") from e
+        raise OSError(f"could not download the {what} of {name} from the Hugging Face hub (and it is not "
+                      f"cached): {e}") from e
     except HfHubHTTPError as e:
-        raise OSError(f"could not download {name} from the Hugging Face hub: {e}") from e
+        raise OSError(f"could not download the {what} of {name} from the Hugging Face hub: {e}") from e

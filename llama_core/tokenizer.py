@@ -25,7 +25,7 @@ import torch
 
 from llama_core import chat, detokenize, tiktoken_llama3
 from llama_core.detokenize import IncrementalDecoder
-from llama_core.hub import _HUB_ID, _offline
+from llama_core.hub import resolve_checkpoint
 from llama_core.tokenizer_backends import Backend, HFBackend, SentencePieceBackend, TiktokenBackend
 
 logger = logging.getLogger(__name__)
@@ -40,26 +40,8 @@ __all__ = ["TOKENIZER_FILES", "IncrementalDecoder", "Tokenizer"]
 def _resolve(path_or_hub_id: str | os.PathLike, revision: str | None, cache_dir: str | os.PathLike | None,
              token: str | bool | None) -> Path:
     """A local file or directory; hub ids are downloaded (tokenizer files only) or found in the cache."""
-    path = Path(path_or_hub_id).expanduser()
-    if path.exists():
-        return path
-    name = str(path_or_hub_id)
-    if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no such tokenizer directory or file: {name}")
-
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name, revision=revision, cache_dir=cache_dir, token=token,
-                                      allow_patterns=TOKENIZER_FILES, local_files_only=_offline()))
-    except LocalEntryNotFoundError as e:
-        if _offline():
-            raise OSError(f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so its "
-                          f"tokenizer cannot be downloaded; download it once online or pass a local directory") from e
-        raise OSError(f"could not download the tokenizer of {name} (and it is not cached): {e}") from e
-    except HfHubHTTPError as e:
-        raise OSError(f"could not download the tokenizer of {name} from the Hugging Face hub: {e}") from e
+    return resolve_checkpoint(path_or_hub_id, revision, cache_dir, token, allow_patterns=list(TOKENIZER_FILES),
+                              what="tokenizer", allow_file=True)
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
