@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels._runtime import use_triton_op
+
 from .cache import Cache
 from .config import LlamaConfig
 from .rope import RopeAngles, apply_rope
@@ -84,6 +86,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.dropout = config.attention_dropout
         self.backend = config.attn_implementation
+        self.kernels = config.kernels
         h, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
@@ -93,18 +96,28 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: RopeAngles, mask: Tensor | None, cache: Cache | None,
                 cache_position: Tensor | None = None) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [b, h, t, d]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, h_kv, t, d]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = apply_rope(q, rope.cos, rope.sin)
-        if rope.key_cos is None:
-            k = apply_rope(k, rope.cos, rope.sin)
-            if cache is not None:
-                k, v = cache.update(self.layer_idx, k, v, cache_position)
-        else:
-            # Dynamic NTK with a cache: keys are cached un-rotated, then all rotated with today's frequencies.
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # [b, t, h, d]
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [b, t, h_kv, d]
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, h_kv, t, d]
+        q, k = self._rotate(q, k, rope)
+        if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)
+        if rope.key_cos is not None:  # dynamic NTK with a cache: the whole cache, with today's frequencies
             k = apply_rope(k, rope.key_cos, rope.key_sin)
         dropout = self.dropout if self.training else 0.0
         out = ATTENTION_BACKENDS[self.backend](q, k, v, mask, self.scale, dropout)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def _rotate(self, q: Tensor, k: Tensor, rope: RopeAngles) -> tuple[Tensor, Tensor]:
+        """``q [b, t, h, d]``, ``k [b, t, h_kv, d]`` -> rotated ``[b, h, t, d]``, ``[b, h_kv, t, d]``.
+        With a dynamic-NTK cache (``rope.key_cos`` set) keys stay un-rotated: they are cached as they are."""
+        if rope.key_cos is not None:
+            return apply_rope(q.transpose(1, 2), rope.cos, rope.sin), k.transpose(1, 2)
+        if use_triton_op(self.kernels, q):
+            from kernels.rope import rope as rope_kernel
+
+            # q and k in one launch; the kernel computes the angles (positions * inv_freq) in fp32 itself
+            q, k = rope_kernel(q, k, rope.position_ids, rope.inv_freq, rope.scaling)
+            return q.transpose(1, 2), k.transpose(1, 2)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        return apply_rope(q, rope.cos, rope.sin), apply_rope(k, rope.cos, rope.sin)

@@ -61,8 +61,9 @@ class LlamaConfig:
     # Task heads.
     num_labels: int = 2
     problem_type: str | None = None  # "regression" | "single_label_classification" | "multi_label_classification"
-    # Runtime choice, not an architecture field: "sdpa" or "eager".
-    attn_implementation: str = "sdpa"
+    # Runtime choices, not architecture fields (never read from or written to config.json):
+    attn_implementation: str = "sdpa"  # "sdpa" or "eager"
+    kernels: str = "auto"  # "auto" (Triton on CUDA when installed), "triton" or "torch"
     # Unknown keys found in a config.json, kept so that saving writes them back unchanged.
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -103,6 +104,8 @@ class LlamaConfig:
             raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}")
         if self.pretraining_tp != 1:
@@ -162,9 +165,10 @@ class LlamaConfig:
         torch_dtype = data.pop("torch_dtype", None)
         if data.get("dtype") is None and torch_dtype is not None:
             data["dtype"] = torch_dtype
-        data.pop("attn_implementation", None)  # a runtime choice, never read from a file
+        data.pop("attn_implementation", None)  # runtime choices, never read from a file
+        data.pop("kernels", None)
 
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "attn_implementation"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "attn_implementation", "kernels"}
         known = {k: v for k, v in data.items() if k in names}
         extra = {k: v for k, v in data.items() if k not in names}
         return cls(**known, extra=extra)
@@ -174,7 +178,7 @@ class LlamaConfig:
         out: dict[str, Any] = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
         out.update(self.extra)
         for f in dataclasses.fields(self):
-            if f.name in ("extra", "attn_implementation", "rope_scaling", "dtype"):
+            if f.name in ("extra", "attn_implementation", "kernels", "rope_scaling", "dtype"):
                 continue
             out[f.name] = getattr(self, f.name)
         out["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None

@@ -26,9 +26,9 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
     _init_if_missing = ("score.weight",)
     _ignore_if_unexpected = ("lm_head.weight",)
 
-    def __init__(self, config: LlamaConfig, init: bool = True):
-        super().__init__(config)
-        self.model = LlamaModel(config, init=False)
+    def __init__(self, config: LlamaConfig, init: bool = True, kernels: str | None = None):
+        super().__init__(config, kernels)
+        self.model = LlamaModel(self.config, init=False)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         if init:
             self.init_weights()
@@ -87,9 +87,9 @@ class LlamaForQuestionAnswering(LlamaPreTrainedModel):
     _init_if_missing = ("qa_outputs.weight", "qa_outputs.bias")
     _ignore_if_unexpected = ("lm_head.weight",)
 
-    def __init__(self, config: LlamaConfig, init: bool = True):
-        super().__init__(config)
-        self.transformer = LlamaModel(config, init=False)
+    def __init__(self, config: LlamaConfig, init: bool = True, kernels: str | None = None):
+        super().__init__(config, kernels)
+        self.transformer = LlamaModel(self.config, init=False)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         if init:
             self.init_weights()

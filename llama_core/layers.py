@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels._runtime import use_triton_op
+
 from .attention import Attention
 from .cache import Cache
 from .config import LlamaConfig
@@ -19,16 +21,29 @@ class RMSNorm(nn.Module):
     and only then multiplied by the weight: the order matters for bf16 parity with the reference.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, device: torch.device | str | None = None):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, kernels: str = "auto",
+                 device: torch.device | str | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, device=device))
         self.eps = eps
+        self.kernels = kernels
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """norm(x), or with ``residual``: ``(norm(x + residual), x + residual)`` (fused in the kernel)."""
+        if use_triton_op(self.kernels, x):
+            from kernels.rms_norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -55,10 +70,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
 
     def forward(self, x: Tensor, rope: RopeAngles, mask: Tensor | None, cache: Cache | None = None,
                 cache_position: Tensor | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_position)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_position)
+        h, x = self.post_attention_layernorm(attn, residual=x)  # x = x + attn; h = norm(x), one kernel
+        return x + self.mlp(h)

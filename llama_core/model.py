@@ -24,11 +24,12 @@ class LlamaModel(LlamaPreTrainedModel):
     base_model_prefix = ""
     _ignore_if_unexpected = ("lm_head.weight",)  # loading a causal-LM checkpoint into the bare decoder
 
-    def __init__(self, config: LlamaConfig, init: bool = True):
-        super().__init__(config)
+    def __init__(self, config: LlamaConfig, init: bool = True, kernels: str | None = None):
+        super().__init__(config, kernels)
+        config = self.config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         self.rotary_emb = RotaryEmbedding(config)
         self.gradient_checkpointing = False
         if init:
@@ -101,9 +102,9 @@ def _position_ids(attention_mask: Tensor | None, cache_position: Tensor, b: int,
 class LlamaForCausalLM(LlamaPreTrainedModel):
     """The decoder with a language-model head; ``lm_head`` shares the embedding when tied."""
 
-    def __init__(self, config: LlamaConfig, init: bool = True):
-        super().__init__(config)
-        self.model = LlamaModel(config, init=False)
+    def __init__(self, config: LlamaConfig, init: bool = True, kernels: str | None = None):
+        super().__init__(config, kernels)
+        self.model = LlamaModel(self.config, init=False)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if init:
             self.init_weights()

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernels._runtime import KERNEL_SETTINGS
+
 from .attention import ATTN_IMPLEMENTATIONS, Attention
 from .config import LlamaConfig
 from .layers import RMSNorm
@@ -29,11 +31,12 @@ class LlamaPreTrainedModel(nn.Module):
     # Checkpoint keys a head model may drop silently (e.g. lm_head when fine-tuning a classifier).
     _ignore_if_unexpected: tuple[str, ...] = ()
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, kernels: str | None = None):
+        """``kernels``: "auto" (Triton on CUDA when installed), "triton" or "torch"; default config.kernels."""
         super().__init__()
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
-        self.config = config
+        self.config = config if kernels is None else config.replace(kernels=kernels)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -137,6 +140,15 @@ class LlamaPreTrainedModel(nn.Module):
         for module in self.modules():
             if isinstance(module, Attention):
                 module.backend = name
+
+    def set_kernels(self, name: str) -> None:
+        """Switch the RMSNorm and RoPE ops between "auto", "triton" and "torch" (see kernels/)."""
+        if name not in KERNEL_SETTINGS:
+            raise ValueError(f"kernels must be one of {KERNEL_SETTINGS}, got {name!r}")
+        self.config.kernels = name
+        for module in self.modules():
+            if isinstance(module, (Attention, RMSNorm)):
+                module.kernels = name
 
     def gradient_checkpointing_enable(self) -> None:
         """Recompute each decoder layer in backward instead of storing its activations."""

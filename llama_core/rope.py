@@ -153,10 +153,15 @@ class RopeAngles:
     sin: Tensor
     key_cos: Tensor | None = None
     key_sin: Tensor | None = None
+    # What the Triton rope kernel takes instead of cos/sin (it computes the angles itself, in fp32).
+    position_ids: Tensor | None = None  # [batch, seq]
+    inv_freq: Tensor | None = None  # [head_dim // 2] or [batch, head_dim // 2]
+    scaling: float = 1.0
 
     def to(self, device: torch.device) -> RopeAngles:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return RopeAngles(move(self.cos), move(self.sin), move(self.key_cos), move(self.key_sin))
+        return RopeAngles(move(self.cos), move(self.sin), move(self.key_cos), move(self.key_sin),
+                          move(self.position_ids), move(self.inv_freq), self.scaling)
 
 
 class RotaryEmbedding(nn.Module):
@@ -209,7 +214,7 @@ class RotaryEmbedding(nn.Module):
     def forward(self, position_ids: Tensor, dtype: torch.dtype, key_positions: Tensor | None = None) -> RopeAngles:
         inv_freq = self.frequencies(position_ids)
         cos, sin = self.cos_sin(position_ids, inv_freq, dtype)
-        if key_positions is None:
-            return RopeAngles(cos, sin)
-        key_cos, key_sin = self.cos_sin(key_positions, inv_freq, dtype)
-        return RopeAngles(cos, sin, key_cos, key_sin)
+        key_cos = key_sin = None
+        if key_positions is not None:
+            key_cos, key_sin = self.cos_sin(key_positions, inv_freq, dtype)
+        return RopeAngles(cos, sin, key_cos, key_sin, position_ids, inv_freq, self.attention_scaling)
