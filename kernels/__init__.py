@@ -1,4 +1,11 @@
-"""Triton kernels (fused RMSNorm, RoPE, int8 matmul), each beside its pure-PyTorch reference.
+"""Triton kernels, one op per file, each beside its pure-PyTorch reference.
 
-Empty until the kernels work lands; llama_core runs entirely on its pure-PyTorch ops meanwhile.
+- ``rms_norm.rms_norm(x, weight, eps, residual=None)``: fused (residual add +) RMSNorm, forward and backward.
+- ``rope.rope(q, k, position_ids, inv_freq, attention_scaling=1.0, interleaved=False)``: rotary embedding of
+  q and k in one launch, angles computed in-kernel in fp32; forward and backward.
+
+Both are ``torch.library`` custom ops (``llama_core::rms_norm``, ``llama_core::rope`` and their backward
+ops) with fake implementations, so ``torch.compile(fullgraph=True)`` sees no graph break. On CPU tensors
+the references run, unless ``TRITON_INTERPRET=1`` (Triton's interpreter: how CI tests the kernels).
+The model picks them with ``kernels="auto" | "triton" | "torch"`` (see ``_runtime.use_triton_op``).
 """
