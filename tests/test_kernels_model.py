@@ -105,3 +105,14 @@ def test_from_pretrained_takes_kernels(tmp_path):
     loaded = LlamaForCausalLM.from_pretrained(tmp_path, kernels="triton")
     assert loaded.config.kernels == "triton" and loaded.model.norm.kernels == "triton"
     assert "kernels" not in (tmp_path / "config.json").read_text()  # a runtime choice, never saved
+
+
+def test_auto_choice():
+    """"auto": Triton on CUDA for prefill/training-sized tensors or when compiling; eager one-token
+    decoding keeps PyTorch ops (each custom-op call costs host time); never on CPU."""
+    from kernels._runtime import AUTO_MIN_ELEMENTS, auto_prefers_triton
+
+    assert auto_prefers_triton("cuda", AUTO_MIN_ELEMENTS, compiling=False)
+    assert auto_prefers_triton("cuda", 4096, compiling=True)
+    assert not auto_prefers_triton("cuda", 4096, compiling=False)
+    assert not auto_prefers_triton("cpu", 10 * AUTO_MIN_ELEMENTS, compiling=True)
