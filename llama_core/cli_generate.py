@@ -84,7 +84,7 @@ def _report(prompt_tokens: int, start: float, times: list[float]) -> None:
     if len(times) > 1:
         decode = times[-1] - times[0]
         line += f"; decode: {len(times) - 1} tokens in {decode:.3f} s ({(len(times) - 1) / decode:,.1f} tokens/s)"
-    print(line, file=sys.stderr)
+    sys.stderr.write(line + "\n")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -100,7 +100,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     stops = set(tok.stop_ids) | set(model.config.eos_token_ids)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     cache, cached = DynamicCache(), []
-    print("llama-core chat: an empty line or Ctrl-D ends the session", file=sys.stderr)
+    sys.stderr.write("llama-core chat: an empty line or Ctrl-D ends the session\n")
     while True:
         try:
             line = input("> ")
