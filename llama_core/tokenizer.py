@@ -14,7 +14,6 @@ Conventions, the same for every backend:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 
 from llama_core import chat, detokenize, tiktoken_llama3
+from llama_core.config import read_json_object
 from llama_core.detokenize import IncrementalDecoder
 from llama_core.hub import resolve_checkpoint
 from llama_core.tokenizer_backends import Backend, HFBackend, SentencePieceBackend, TiktokenBackend
@@ -46,15 +46,7 @@ def _resolve(path_or_hub_id: str | os.PathLike, revision: str | None, cache_dir:
 
 def _read_config(directory: Path) -> dict[str, Any]:
     path = directory / "tokenizer_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _check_text(text: object) -> str:
