@@ -4,8 +4,11 @@ the public ops fall back to their pure-PyTorch references."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -14,6 +17,23 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+@functools.cache
+def _jit(fn: Callable[..., Any], interpret: bool) -> Any:
+    import triton
+
+    return triton.jit(fn)
+
+
+def jitted(fn: Callable[..., Any]) -> Any:
+    """``triton.jit(fn)``, compiled or interpreted as ``TRITON_INTERPRET`` says *now*.
+
+    ``@triton.jit`` decides between the compiler and the interpreter when it decorates, i.e. at import time;
+    the kernel files keep their kernels as plain functions and jit them here at launch, cached per mode,
+    so that setting ``TRITON_INTERPRET=1`` after the model imported the kernels (a test module) still
+    takes effect. No private Triton API is involved."""
+    return _jit(fn, interpreting())
 
 
 def triton_runs_on(t: torch.Tensor) -> bool:

@@ -16,12 +16,10 @@ The Triton path goes through ``torch.library`` custom ops (``llama_core::rms_nor
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from kernels._runtime import HAS_TRITON, interpreting, triton_runs_on
+from kernels._runtime import HAS_TRITON, jitted, triton_runs_on
 
 if HAS_TRITON:
     import triton
@@ -54,7 +52,7 @@ def rms_norm_ref(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Kernels (plain functions, jitted lazily: triton.jit reads TRITON_INTERPRET when it decorates)
+# Kernels (plain functions, jitted at launch by _runtime.jitted so TRITON_INTERPRET is read then)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -175,12 +173,6 @@ def _bwd_kernel(DY, X, W, RSTD, DRES, DX, DW_PART, M, N, rows_per_program,
                 tl.store(part, tl.load(part, mask=m, other=0.0) + dy * x_hat.to(x.dtype).to(tl.float32), mask=m)
 
 
-@functools.cache
-def _jit(interpret: bool):
-    # Keyed on the interpreter flag so that setting TRITON_INTERPRET after import still takes effect.
-    return triton.jit(_fwd_kernel), triton.jit(_bwd_kernel)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Host launchers
 # ----------------------------------------------------------------------------------------------------------
@@ -215,8 +207,7 @@ def _fwd_triton(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None):
     res = torch.empty(x.shape, dtype=x.dtype, device=x.device) if residual is not None else None
     r2 = _as_rows(residual) if residual is not None else x2
     block_m, block_n, single, num_warps = _launch_config(n)
-    fwd, _ = _jit(interpreting())
-    fwd[(triton.cdiv(m, block_m),)](
+    jitted(_fwd_kernel)[(triton.cdiv(m, block_m),)](
         x2, r2, weight.contiguous(), y, res if res is not None else y, rstd, m, n, eps,
         HAS_RESIDUAL=residual is not None, SINGLE_PASS=single, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps)
@@ -244,8 +235,7 @@ def _bwd_triton(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, dres: Tenso
     rows_per_program = triton.cdiv(rows_per_program, block_m) * block_m
     programs = triton.cdiv(m, rows_per_program)
     dw_part = torch.zeros(programs, n, dtype=torch.float32, device=x.device)  # [programs, N]
-    _, bwd = _jit(interpreting())
-    bwd[(programs,)](
+    jitted(_bwd_kernel)[(programs,)](
         dy2, x2, weight.contiguous(), rstd.contiguous(), _as_rows(dres) if dres is not None else dy2,
         dx, dw_part, m, n, rows_per_program,
         HAS_DRES=dres is not None, SINGLE_PASS=single, BLOCK_M=block_m, BLOCK_N=block_n,

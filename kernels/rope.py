@@ -19,12 +19,10 @@ the ops run ``rope_ref``, the pure-PyTorch reference with llama_core's numerics.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from ._runtime import HAS_TRITON, triton_runs_on
+from ._runtime import HAS_TRITON, jitted, triton_runs_on
 
 if HAS_TRITON:
     import triton
@@ -73,8 +71,7 @@ def rope_ref(q: Tensor, k: Tensor, position_ids: Tensor, inv_freq: Tensor, atten
 # ----------------------------------------------------------------------------------------------- kernel
 if HAS_TRITON:
 
-    @triton.jit
-    def _rope_kernel(
+    def _rope_kernel(  # a plain function: jitted at launch (_runtime.jitted)
         q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, freq_ptr,
         seq_len, n_qh, n_kh,
         stride_qb, stride_qs, stride_qh,  # q's last dim is contiguous (the launcher ensures it)
@@ -123,7 +120,7 @@ if HAS_TRITON:
             tl.store(q_out_row + heads * HEAD_DIM + off1, y1.to(q_out_ptr.dtype.element_ty), mask=mask)
             tl.store(q_out_row + heads * HEAD_DIM + off2, y2.to(q_out_ptr.dtype.element_ty), mask=mask)
 
-        # Keys: the same rotation (kept inline: nested @triton.jit helpers complicate the interpreter shim).
+        # Keys: the same rotation, inline (a helper would have to be jitted per mode as well).
         k_row = k_ptr + b * stride_kb + s * stride_ks
         k_out_row = k_out_ptr + token * n_kh * HEAD_DIM
         for h0 in range(0, n_kh, BLOCK_KH):
@@ -135,23 +132,6 @@ if HAS_TRITON:
             y2 = x2 * cos + x1 * sin
             tl.store(k_out_row + heads * HEAD_DIM + off1, y1.to(k_out_ptr.dtype.element_ty), mask=mask)
             tl.store(k_out_row + heads * HEAD_DIM + off2, y2.to(k_out_ptr.dtype.element_ty), mask=mask)
-
-
-@functools.cache
-def _interpreted_kernel():
-    # @triton.jit picks compiled vs interpreted when the module is imported; when TRITON_INTERPRET=1 is set
-    # later (a test module, after the model imported this file), build the interpreted kernel on demand.
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return InterpretedFunction(_rope_kernel.fn)
-
-
-def _kernel_for(t: Tensor):
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if t.device.type == "cuda" or isinstance(_rope_kernel, InterpretedFunction):
-        return _rope_kernel
-    return _interpreted_kernel()
 
 
 def _launch_config(head_dim: int, n_qh: int, n_kh: int) -> dict[str, int]:
@@ -179,7 +159,7 @@ def _rope_triton(q: Tensor, k: Tensor, position_ids: Tensor, inv_freq: Tensor, a
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if batch * seq == 0:
         return q_out, k_out
-    _kernel_for(q)[(batch * seq,)](
+    jitted(_rope_kernel)[(batch * seq,)](
         q, k, q_out, k_out, position_ids, inv_freq,
         seq, n_qh, n_kh,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
