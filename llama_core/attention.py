@@ -1,7 +1,12 @@
 """Grouped-query attention (MHA, GQA, MQA) with SDPA and eager backends, and the mask they share.
 
 Masks are boolean ``[batch, 1, q_len, kv_len]`` with True where a query may attend, or None for the
-plain causal case (no padding, nothing cached) so SDPA can take its ``is_causal`` fast path.
+plain causal case (no padding, nothing cached) so SDPA can take its ``is_causal`` fast path. Callers may
+pass such a 4-D mask themselves (as transformers allows), e.g. a block-diagonal causal mask for packed
+documents in training; it is used as given.
+
+Head counts are read from the projections' output shapes, not the config, so the same code runs under
+tensor parallelism, where q/k/v_proj hold only this rank's heads.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ def build_attention_mask(attention_mask: Tensor | None, cache_position: Tensor, 
     attend to nothing (NaN in softmax); it may attend to itself instead, which keeps its (ignored) output
     finite and never reaches a real token.
     """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.to(device=cache_position.device, dtype=torch.bool)  # caller's own [b, 1, q, kv]
     if can_skip and (attention_mask is None or (not torch.compiler.is_compiling() and bool(attention_mask.all()))):
         return None
     device = cache_position.device
@@ -96,9 +103,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: RopeAngles, mask: Tensor | None, cache: Cache | None,
                 cache_position: Tensor | None = None) -> Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim)  # [b, t, h, d]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)  # [b, t, h_kv, d]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [b, h_kv, t, d]
+        # -1, not num_heads: under tensor parallelism the projections give this rank's heads only
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)  # [b, t, h, d]
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)  # [b, t, h_kv, d]
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, h_kv, t, d]
         q, k = self._rotate(q, k, rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)
@@ -106,7 +114,7 @@ class Attention(nn.Module):
             k = apply_rope(k, rope.key_cos, rope.key_sin)
         dropout = self.dropout if self.training else 0.0
         out = ATTENTION_BACKENDS[self.backend](q, k, v, mask, self.scale, dropout)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # [b, t, h * d] -> [b, t, hidden]
 
     def _rotate(self, q: Tensor, k: Tensor, rope: RopeAngles) -> tuple[Tensor, Tensor]:
         """``q [b, t, h, d]``, ``k [b, t, h_kv, d]`` -> rotated ``[b, h, t, d]``, ``[b, h_kv, t, d]``.

@@ -53,11 +53,7 @@ class LlamaModel(LlamaPreTrainedModel):
         if past is not None:
             if static:
                 cache.check_room(b, t, past)
-            if attention_mask is not None and attention_mask.shape != (b, past + t):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, cached + new "
-                    f"tokens) = {(b, past + t)}"
-                )
+            _check_mask(attention_mask, b, t, cache.max_cache_len if static else past + t, past)
         if cache_position is None:
             cache_position = torch.arange(past, past + t, device=x.device)
         if position_ids is None:
@@ -91,9 +87,24 @@ class LlamaModel(LlamaPreTrainedModel):
                                tuple(hidden_states) if hidden_states is not None else None)
 
 
-def _position_ids(attention_mask: Tensor | None, cache_position: Tensor, b: int, t: int) -> Tensor:
-    """Positions of the new tokens: counted over real tokens only, so left padding shifts nothing."""
+def _check_mask(attention_mask: Tensor | None, b: int, t: int, kv_len: int, past: int) -> None:
+    """A 2-D padding mask ``[b, past + t]`` or a 4-D boolean ``[b, 1, t, kv_len]`` (True = may attend)."""
     if attention_mask is None:
+        return
+    if attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool or attention_mask.shape != (b, 1, t, kv_len):
+            raise ValueError(f"a 4-D attention_mask must be boolean (True = may attend) of shape (batch, 1, "
+                             f"new tokens, key slots) = {(b, 1, t, kv_len)}; got {attention_mask.dtype} "
+                             f"{tuple(attention_mask.shape)}")
+    elif attention_mask.shape != (b, past + t):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, cached + new "
+                         f"tokens) = {(b, past + t)}")
+
+
+def _position_ids(attention_mask: Tensor | None, cache_position: Tensor, b: int, t: int) -> Tensor:
+    """Positions of the new tokens: counted over real tokens only, so left padding shifts nothing.
+    A 4-D mask says nothing about positions (packed documents pass their own position_ids)."""
+    if attention_mask is None or attention_mask.dim() == 4:
         return cache_position[None, :].expand(b, t)
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)[:, -t:].to(cache_position.device)
