@@ -8,6 +8,7 @@ from .model import LlamaForCausalLM, LlamaModel
 from .outputs import BaseModelOutput, CausalLMOutput, QuestionAnsweringOutput, SequenceClassifierOutput
 from .presets import PRESETS, preset_names
 from .pretrained import LlamaPreTrainedModel
+from .quant import Int8Config, Int8Linear, dequantize, quantize
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 __version__ = "0.1.0"
@@ -20,6 +21,8 @@ __all__ = [
     "DynamicCache",
     "GenerationOutput",
     "IncrementalDecoder",
+    "Int8Config",
+    "Int8Linear",
     "LlamaConfig",
     "LlamaForCausalLM",
     "LlamaForQuestionAnswering",
@@ -30,7 +33,9 @@ __all__ = [
     "SequenceClassifierOutput",
     "StaticCache",
     "Tokenizer",
+    "dequantize",
     "generate",
     "preset_names",
+    "quantize",
     "stream_generate",
 ]

@@ -58,6 +58,8 @@ class LlamaConfig:
     mlp_bias: bool = False
     # Storage dtype of the checkpoint as a string ("bfloat16", ...); used by from_pretrained(dtype="auto").
     dtype: str | None = None
+    # int8 checkpoints (llama_core.quant): {"quant_method": "llama_core_int8", "mode", "threshold", "skip"}.
+    quantization_config: dict[str, Any] | None = None
     # Task heads.
     num_labels: int = 2
     problem_type: str | None = None  # "regression" | "single_label_classification" | "multi_label_classification"
@@ -180,6 +182,8 @@ class LlamaConfig:
         for f in dataclasses.fields(self):
             if f.name in ("extra", "attn_implementation", "kernels", "rope_scaling", "dtype"):
                 continue
+            if f.name == "quantization_config" and self.quantization_config is None:
+                continue  # transformers treats a present quantization_config as a request to quantise
             out[f.name] = getattr(self, f.name)
         out["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
         out["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from .config import LlamaConfig
 from .hub import resolve_checkpoint
 from .placement import device_for, resolve_device_map
+from .quant import Int8Config, replace_linears
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def _check(model: torch.nn.Module, infos: dict[str, TensorInfo], names: dict[str
     Returns the head keys to initialise (absent from a base checkpoint) and whether lm_head is to be tied
     to the embedding (tied config, or no lm_head in the checkpoint).
     """
-    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
     tied = model.config.tie_word_embeddings and "lm_head.weight" in expected
     optional = set(model._init_if_missing)
     if "lm_head.weight" in expected:
@@ -170,11 +171,13 @@ def _check(model: torch.nn.Module, infos: dict[str, TensorInfo], names: dict[str
         problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
     for key, ckpt_key in names.items():
         info = infos[ckpt_key]
-        if key in expected and info.shape != expected[key] and not (tied and key == "lm_head.weight"):
+        if key in expected and info.shape != expected[key][0] and not (tied and key == "lm_head.weight"):
             problems.append(f"shape mismatch for {ckpt_key} in {info.file.name}: checkpoint {list(info.shape)}, "
-                            f"model {list(expected[key])}")
-        elif key in expected and not info.dtype.is_floating_point:
+                            f"model {list(expected[key][0])}")
+        elif key in expected and expected[key][1].is_floating_point and not info.dtype.is_floating_point:
             problems.append(f"{ckpt_key} in {info.file.name} has dtype {info.dtype}; expected a floating-point tensor")
+        elif key in expected and not expected[key][1].is_floating_point and info.dtype != expected[key][1]:
+            problems.append(f"{ckpt_key} in {info.file.name} has dtype {info.dtype}; expected {expected[key][1]}")
     if problems:
         raise ValueError("checkpoint does not match the model:\n  " + "\n  ".join(problems))
     to_init = {k for k in model._init_if_missing if k not in names}
@@ -227,6 +230,9 @@ def _assign(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:
     """Make ``tensor`` the parameter ``key`` (no copy), as load_state_dict(assign=True) does."""
     module_name, _, leaf = key.rpartition(".")
     module = model.get_submodule(module_name)
+    if leaf in module._buffers:  # e.g. an Int8Linear's int8 weight and its scales
+        module._buffers[leaf] = tensor
+        return
     old = module._parameters[leaf]
     module._parameters[leaf] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
 
@@ -236,13 +242,18 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
                     attn_implementation: str | None = None, device_map: str | dict | None = None,
                     max_memory: dict | None = None, revision: str | None = None, cache_dir: Any = None,
                     token: Any = None, config: LlamaConfig | None = None, torch_dtype: Any = None,
-                    **config_overrides: Any):
+                    quantize: Any = None, load_in_8bit: bool = False, **config_overrides: Any):
     """Build ``cls`` from a checkpoint directory or hub id.
 
     ``dtype``: None keeps torch's default float dtype (fp32), "auto" follows config.json, then the stored
     dtype; or a torch.dtype / name. ``torch_dtype`` is accepted as an alias. ``device_map`` ("auto" or a
     dict of module prefix -> device, with ``max_memory``) splits the model across devices. Extra keyword
     arguments override config fields (e.g. ``num_labels=3`` for a classification head).
+
+    ``quantize`` ("int8", "int8-weight-only", a dict or a ``quant.Int8Config``; ``load_in_8bit=True`` is
+    "int8") quantises the linear layers while loading: each weight is cast to ``dtype``, quantised on its
+    device and freed before the next one is read, so the full-precision model never exists in memory.
+    A checkpoint saved quantised (config.json ``quantization_config``) loads as int8 without it.
     """
     if torch_dtype is not None:
         if dtype is not None:
@@ -264,19 +275,29 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
     with torch.device("meta"):
         model = cls(config, init=False)
     names = _rename(infos, model)
+    quant = _quantization(config, quantize, load_in_8bit)
+    if config.quantization_config:  # stored int8: the model takes the checkpoint's layout before checking
+        replace_linears(model, quant)
     to_init, tie = _check(model, infos, names)
+    # Full-precision weights to quantise as they stream in (model key -> Int8Linear).
+    quantize_on_load = {f"{name}.weight": model.get_submodule(name)
+                        for name in (replace_linears(model, quant) if quantize_now(config, quant) else [])}
     placement = resolve_device_map(model, device_map, device, target, max_memory)
     if tie and not config.tie_word_embeddings:
         logger.info("%s has no lm_head.weight: tying it to the input embedding", path_or_hub_id)
         model.config.tie_word_embeddings = True
 
     expected = model.state_dict(keep_vars=True)
+    buffer_keys = {name for name, _ in model.named_buffers()} & expected.keys()
     wanted = {ckpt_key: key for key, ckpt_key in names.items()
               if key in expected and not (tie and key == "lm_head.weight")}
     for ckpt_key, tensor in stream():  # one tensor at a time, straight into the model
         key = wanted.get(ckpt_key)
-        if key is not None:
-            _assign(model, key, _place(tensor, target, device_for(key, placement)))
+        if key in quantize_on_load:
+            quantize_on_load[key].set_weight(_place(tensor, target, device_for(key, placement)))
+        elif key is not None:
+            dtype = tensor.dtype if key in buffer_keys else target  # buffers keep theirs: int8 weights, fp32 scales
+            _assign(model, key, _place(tensor, dtype, device_for(key, placement)))
 
     for module_name in sorted({key.rsplit(".", 1)[0] for key in to_init}):
         keys = ", ".join(sorted(k for k in to_init if k.startswith(module_name + ".")))
@@ -299,3 +320,21 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
 def _place(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # A no-op (keeping the mmapped storage) when dtype and device already match.
     return t.to(device=device, dtype=dtype)
+
+
+def _quantization(config: LlamaConfig, quantize: Any, load_in_8bit: bool) -> Int8Config | None:
+    """The int8 setting for this load: the checkpoint's own, or the one asked for (not both)."""
+    if load_in_8bit:
+        if quantize not in (None, "int8"):
+            raise ValueError(f"load_in_8bit=True means quantize='int8'; got quantize={quantize!r} as well")
+        quantize = "int8"
+    if config.quantization_config:
+        if quantize is not None:
+            raise ValueError("the checkpoint is already quantized (config.json quantization_config "
+                             f"{config.quantization_config}); load it without quantize=/load_in_8bit")
+        return Int8Config.parse(config.quantization_config)
+    return Int8Config.parse(quantize) if quantize is not None else None
+
+
+def quantize_now(config: LlamaConfig, quant: Int8Config | None) -> bool:
+    return quant is not None and not config.quantization_config

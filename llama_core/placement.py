@@ -52,8 +52,9 @@ def placement_units(model: nn.Module) -> list[str]:
 
 def _unit_bytes(model: nn.Module, unit: str, dtype: torch.dtype) -> int:
     module = model.get_submodule(unit)
-    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
-               for t in module.parameters())
+    params = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+                 for t in module.parameters())
+    return params + sum(t.numel() * t.element_size() for t in module.buffers())  # e.g. int8 weights, scales
 
 
 def _available_memory(max_memory: dict | None) -> list[tuple[torch.device, int]]:

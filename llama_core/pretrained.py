@@ -57,6 +57,18 @@ class LlamaPreTrainedModel(nn.Module):
 
         return save_pretrained(self, directory, max_shard_size=max_shard_size)
 
+    def quantize(self, mode: Any = "int8", threshold: float | None = None, skip: Any = None) -> LlamaPreTrainedModel:
+        """int8-quantise the linear layers in place (see :func:`llama_core.quant.quantize`)."""
+        from .quant import quantize
+
+        return quantize(self, mode, threshold=threshold, skip=skip)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> LlamaPreTrainedModel:
+        """Back to full-precision nn.Linear layers, in place (see :func:`llama_core.quant.dequantize`)."""
+        from .quant import dequantize
+
+        return dequantize(self, dtype)
+
     def init_weights(self) -> None:
         """HF initialisation: normal(0, initializer_range) linears and embeddings, zero biases and padding row."""
         self.apply(self._init_module)
