@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_generate import add_commands
 
     add_commands(sub)
+    from .cli_bench import add_commands as add_bench_commands
+    add_bench_commands(sub)
+    from .cli_train import add_commands as add_train_commands
+    add_train_commands(sub)
 
     c = sub.add_parser("convert", help="convert checkpoints between Meta, llama2.c and HF formats")
     add_arguments(c)

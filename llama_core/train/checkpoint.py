@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
         (tmp / "rng").mkdir(parents=True)
     _barrier(d)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=d.world == 1)
     torch.save(rng_state(d.device), tmp / "rng" / f"rank_{d.rank:05d}.pt")
     _barrier(d)  # every rank's shards are on disk
     if d.is_main:
@@ -126,7 +129,9 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     state = read_trainer_state(path)
     check_same_shape(state["model_config"], config, path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, no_dist=d.world == 1)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     rng_file = path / "rng" / f"rank_{d.rank:05d}.pt"
     if state.get("world_size") == d.world and rng_file.is_file():

@@ -1,0 +1,110 @@
+"""``llama-core train``: the command-line face of :func:`llama_core.train.train` (flags map 1:1 onto TrainConfig).
+
+One process:        llama-core train --preset tiny --data corpus/ --tokenizer tok/ --output-dir run/
+Several GPUs/nodes: torchrun --nproc-per-node 8 -m llama_core.cli train ... (FSDP2 by default)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from .presets import preset_names
+from .train.config import TrainConfig
+from .train.distributed import PARALLEL_MODES
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a bare string
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig(data="", output_dir="")
+    data = p.add_argument_group("data")
+    data.add_argument("--data", required=True, help="a text file, or a directory of *.txt / *.md files")
+    data.add_argument("--tokenizer", help="tokenizer file or directory (default: the --init-from checkpoint's)")
+    data.add_argument("--doc-separator", help="split files into documents on this string, e.g. $'\\n\\n' "
+                      "(default: each file is one document)")
+    model = p.add_argument_group("model (exactly one source)")
+    src = model.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=preset_names(), help="random init of a known shape")
+    src.add_argument("--model-config", help="random init from a config.json")
+    src.add_argument("--init-from", help="fine-tune a checkpoint (directory, hub id, Meta dir, llama2.c .bin)")
+    model.add_argument("--set", dest="config_overrides", type=_override, action="append", default=[],
+                       metavar="KEY=VALUE", help="override a config field, e.g. --set vocab_size=512 (repeatable)")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--seq-len", type=int, default=d.seq_len)
+    opt.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
+                     help="sequences per optimizer step, over all ranks")
+    opt.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size,
+                     help="sequences per forward per rank (accumulation makes up the rest)")
+    opt.add_argument("--max-steps", type=int, default=d.max_steps)
+    opt.add_argument("--lr", type=float, default=d.lr)
+    opt.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio)
+    opt.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    opt.add_argument("--beta1", type=float, default=d.beta1)
+    opt.add_argument("--beta2", type=float, default=d.beta2)
+    opt.add_argument("--grad-clip", type=float, default=d.grad_clip, help="0 disables")
+    opt.add_argument("--seed", type=int, default=d.seed)
+    speed = p.add_argument_group("speed and scale")
+    speed.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=d.dtype,
+                       help="compute dtype; auto = bf16 where the GPU supports it (weights stay fp32)")
+    speed.add_argument("--parallel", choices=PARALLEL_MODES, default=d.parallel,
+                       help="under torchrun: fsdp (auto), ddp or tp (tensor parallel)")
+    speed.add_argument("--gradient-checkpointing", action="store_true")
+    speed.add_argument("--kernels", choices=["auto", "triton", "torch"], default=d.kernels)
+    speed.add_argument("--attn-implementation", choices=["sdpa", "eager"], default=d.attn_implementation)
+    speed.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    speed.add_argument("--device", default=d.device, help="auto = cuda if available")
+    speed.add_argument("--peak-tflops", type=float, help="per-device bf16 peak for MFU (default: known GPUs)")
+    out = p.add_argument_group("checkpoints and logging")
+    out.add_argument("--output-dir", required=True)
+    out.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps; 0 = only at the end")
+    out.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    out.add_argument("--resume", help="'auto' (latest checkpoint in --output-dir, if any) or a checkpoint directory")
+    out.add_argument("--no-export-hf", dest="export_hf", action="store_false",
+                     help="skip the final save_pretrained into OUTPUT_DIR/hf")
+    out.add_argument("--log-every", type=int, default=10)
+    out.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from .train import train
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    fields["config_overrides"] = dict(args.config_overrides)
+    cfg = TrainConfig(**fields)
+    # Step lines at INFO from rank 0 only; the progress bar stays below them.
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    logging.getLogger("llama_core.train").setLevel(logging.INFO if rank0 else logging.WARNING)
+    try:
+        with logging_redirect_tqdm():
+            result = train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank0 and result.logs:
+        first, last = result.logs[0], result.logs[-1]
+        logging.getLogger("llama_core.train").info(
+            "done: loss %.4f (step %d) -> %.4f (step %d); checkpoint %s%s", first.loss, first.step, last.loss,
+            last.step, result.checkpoint, f"; model {result.hf_dir}" if result.hf_dir else "")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    t = sub.add_parser("train", help="pretrain or fine-tune on text files (single device or torchrun)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(t)
+    t.set_defaults(func=cmd_train)
