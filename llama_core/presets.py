@@ -24,6 +24,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2),
+    # Not a release: a ~100M Llama-3.2-style shape (GQA 3:1, tied embeddings, Llama 2's 32k vocabulary)
+    # sized for CPU benchmarks, where a 1B model takes minutes per measurement. 100,092,672 parameters.
+    "synthetic-100m": dict(_LLAMA2, max_position_embeddings=2048, hidden_size=768, intermediate_size=2048,
+                           num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                           tie_word_embeddings=True),
     "llama2-7b": dict(_LLAMA2, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32),
     "llama2-13b": dict(_LLAMA2, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,

@@ -1,0 +1,108 @@
+"""One PNG per benchmark (prefill, decode, load, each kernel), for people who would rather look than read.
+matplotlib is optional (the ``bench`` extra); without it the plots are skipped with a clear message."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .report import Record, hardware
+
+logger = logging.getLogger(__name__)
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_record(record: Record, record_path: Path) -> list[Path]:
+    """Write ``<record stem>-<benchmark>.png`` beside the record; returns the files written."""
+    plt = _pyplot()
+    if plt is None:
+        logger.warning("matplotlib is not installed: no plots (pip install 'llama-core[bench]')")
+        return []
+    written = []
+    subtitle = hardware(record)
+    for m in record["models"]:
+        preset = m["settings"]["preset"]
+        for bench, draw in (("prefill", _prefill), ("decode", _decode), ("load", _load)):
+            rows = m.get(bench)
+            if not rows:
+                continue
+            fig, axes = draw(plt, rows)
+            fig.suptitle(f"{preset} {bench} ({m['settings']['dtype']})\n{subtitle}", fontsize=9)
+            fig.tight_layout()
+            path = record_path.with_name(f"{record_path.stem}-{preset}-{bench}.png")
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    for name, rows in record.get("kernels", {}).items():
+        if rows:
+            fig, ax = plt.subplots(figsize=(8, 4))
+            labels = [f"{r['impl']}\n{r['mode']}\n{r.get('tokens', '')}" for r in rows]
+            ax.bar(range(len(rows)), [r["gbps"] for r in rows])
+            ax.set_xticks(range(len(rows)), labels, fontsize=6)
+            ax.set_ylabel("GB/s")
+            fig.suptitle(f"kernel {name}\n{subtitle}", fontsize=9)
+            fig.tight_layout()
+            path = record_path.with_name(f"{record_path.stem}-kernel-{name}.png")
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+    return written
+
+
+def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(f"{r['impl']} {r['mode']}", []).append(r)
+    return out
+
+
+def _prefill(plt: Any, rows: list[dict[str, Any]]) -> tuple[Any, Any]:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, sel in _series(rows).items():
+        x = [r["tokens"] for r in sel]
+        axes[0].plot(x, [r["tok_s"] for r in sel], marker="o", label=name)
+        axes[1].plot(x, [r["tflops"] for r in sel], marker="o", label=name)
+    for ax, label in zip(axes, ("tokens/s", "TFLOP/s"), strict=True):
+        ax.set(xscale="log", xlabel="prompt tokens", ylabel=label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return fig, axes
+
+
+def _decode(plt: Any, rows: list[dict[str, Any]]) -> tuple[Any, Any]:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    series = _series(rows)
+    batches = sorted({r["batch"] for r in rows})
+    width = 0.8 / max(len(series), 1)
+    for i, (name, sel) in enumerate(series.items()):
+        by_batch = {r["batch"]: r for r in sel}
+        xs = [j + i * width for j in range(len(batches))]
+        axes[0].bar(xs, [by_batch[b]["tok_s"] if b in by_batch else 0 for b in batches], width, label=name)
+        axes[1].bar(xs, [by_batch[b]["frac_copy_bw"] if b in by_batch else 0 for b in batches], width, label=name)
+    for ax, label in zip(axes, ("tokens/s", "fraction of copy bandwidth"), strict=True):
+        ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=8)
+    return fig, axes
+
+
+def _load(plt: Any, rows: list[dict[str, Any]]) -> tuple[Any, Any]:
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
+    names = [r["impl"] for r in rows]
+    axes[0].bar(names, [r["median_s"] for r in rows])
+    axes[0].set_ylabel("load time (s)")
+    axes[1].bar(names, [(r["added_rss_bytes"] or 0) / 2**20 for r in rows], label="added by load")
+    axes[1].set_ylabel("peak RSS added (MB)")
+    return fig, axes
