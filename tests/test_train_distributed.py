@@ -1,0 +1,93 @@
+"""2-process training on CPU (gloo, torchrun): FSDP2, DDP and tensor parallel runs give the single-process
+loss curve on the same global batch; tensor-parallel logits equal single-device logits; a checkpoint saved
+by 2 FSDP ranks resumes in one process (DCP reshards) and continues the same curve."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llama_core.train import train
+from tests.conftest import REPO
+from tests.train_corpus import write_corpus, write_tokenizer
+from tests.train_dist_worker import run_config
+
+FP32_NOISE = dict(atol=2e-5, rtol=2e-5)  # reduction order differs across ranks; everything else is equal
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One torchrun launch for every scenario (process start-up dominates on a 2-core CPU)."""
+    root = tmp_path_factory.mktemp("dist")
+    data = write_corpus(root / "corpus")
+    tok = write_tokenizer(root / "tokenizer", data)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), str(REPO / "tests" / "train_dist_worker.py"), str(data), str(tok),
+           str(root / "out")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun timed out after 300 s:\n{(e.stdout or b'')[-3000:]}\n{(e.stderr or b'')[-3000:]}")
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    results = json.loads((root / "out" / "results.json").read_text())
+    single = train(run_config(str(data), str(tok), root / "single", parallel="none"))
+    return root, data, tok, results, single
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "ddp", "tp"])
+def test_two_rank_loss_curve_equals_single_process(runs, mode):
+    _, _, _, results, single = runs
+    assert len(results[mode]) == len(single.losses) == 4
+    torch.testing.assert_close(torch.tensor(results[mode]), torch.tensor(single.losses), **FP32_NOISE)
+    assert single.losses[-1] < single.losses[0]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_tensor_parallel_logits_equal_single_device(runs, attn):
+    assert runs[3]["tp_logits_error"][attn] <= 1e-5
+
+
+@pytest.mark.parametrize("mode", ["fsdp", "tp"])
+def test_sharded_export_equals_single_process_weights(runs, mode):
+    root, *_ = runs
+    theirs = load_file(root / "out" / mode / "hf" / "model.safetensors")
+    ours = load_file(root / "single" / "hf" / "model.safetensors")
+    assert theirs.keys() == ours.keys()
+    for k in ours:
+        torch.testing.assert_close(theirs[k], ours[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_fsdp_checkpoint_resumes_in_one_process(runs):
+    root, data, tok, results, _ = runs
+    ckpt = root / "out" / "fsdp" / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one part per rank
+    resumed = train(run_config(str(data), str(tok), root / "resumed", parallel="none", resume=str(ckpt),
+                               export_hf=False))
+    assert [log.step for log in resumed.logs] == [2, 3]
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(results["fsdp"][2:]), **FP32_NOISE)
+
+
+def test_two_rank_resume_is_bit_identical(runs):
+    results = runs[3]
+    assert results["fsdp_resumed"] == results["fsdp"][2:]
+
+
+def test_two_rank_run_refuses_an_uneven_global_batch(runs):
+    error = runs[3]["uneven_error"]
+    assert error is not None and "global batch 6 does not divide across 2 data-parallel rank(s) x micro batch 2" in error
