@@ -15,7 +15,6 @@ from llama_core.cli import main as cli_main
 from llama_core.train import TrainConfig, list_checkpoints, lr_at, pack_windows, train
 from llama_core.train import checkpoint as ckpt_module
 from llama_core.train.data import IGNORE_INDEX, PackedWindows, TokenStream
-
 from tests.conftest import random_model, small_config
 from tests.train_corpus import write_corpus, write_tokenizer
 
