@@ -5,10 +5,10 @@ Public surface:
     quantize_rows(x, outlier_cols=None)       the op: Triton where ``triton_runs_on(x)``, else the reference
 
 For ``x [M, K]`` (float) it returns ``q [M, K] int8`` and ``scale [M] fp32`` with ``x ~= q * scale``:
-``scale = absmax / 127`` per row and ``q = floor(x * (127 / absmax) + 0.5)``, clamped to [-127, 127]
-(symmetric: -128 is never produced, so negation is exact). The rounding is written out as floor(v + 0.5)
-rather than left to a rounding mode, and both divisions are IEEE round-to-nearest, so kernel and reference
-agree bit for bit. A row of zeros gets scale 0 and q 0.
+``scale = absmax / 127`` per row and ``q = floor(x / scale + 0.5)``, clamped to [-127, 127] (symmetric:
+-128 is never produced, so negation is exact). The rounding is written out as floor(v + 0.5) rather than
+left to a rounding mode, the math is fp32 and both divisions are IEEE round-to-nearest, so kernel and
+reference agree bit for bit. A row of zeros gets scale 0 and q 0.
 
 ``outlier_cols`` (``[K]`` bool) marks the columns LLM.int8() keeps in floating point: they are zeroed in
 ``q`` and excluded from the absmax, so one outlier column cannot flatten the resolution of the rest; the
@@ -37,11 +37,9 @@ def quantize_rows_ref(x: Tensor, outlier_cols: Tensor | None = None) -> tuple[Te
     xf = x.float()
     if outlier_cols is not None:
         xf = xf.masked_fill(outlier_cols, 0.0)
-    absmax = xf.abs().amax(dim=-1)  # [M]
-    nonzero = absmax > 0
-    inv = torch.where(nonzero, 127.0 / absmax.masked_fill(~nonzero, 1.0), 0.0)
-    q = torch.floor(xf * inv[:, None] + 0.5).clamp_(-127, 127).to(torch.int8)
-    return q, absmax / 127.0
+    scale = xf.abs().amax(dim=-1) / 127.0  # [M]
+    q = torch.floor(xf / scale.masked_fill(scale == 0, 1.0)[:, None] + 0.5).clamp_(-127, 127).to(torch.int8)
+    return q, scale
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -63,16 +61,17 @@ def _quantize_kernel(X, Q, S, OUTLIER, K, stride_xm, BLOCK_K: tl.constexpr, HAS_
         if HAS_OUTLIERS:
             x = tl.where(tl.load(OUTLIER + cols, mask=cols < K, other=0) != 0, 0.0, x)
         absmax = tl.maximum(absmax, tl.abs(x))
-    amax = tl.max(absmax, axis=0)
-    safe = tl.where(amax > 0, amax, 1.0)
-    inv = tl.where(amax > 0, tl.math.div_rn(127.0, safe), 0.0)
-    tl.store(S + row, tl.math.div_rn(amax, 127.0))
+    scale = tl.math.div_rn(tl.max(absmax, axis=0), 127.0)
+    tl.store(S + row, scale)
+    safe_scale = tl.where(scale > 0, scale, 1.0)  # a zero row: 0 / 1 -> q = 0
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
         if HAS_OUTLIERS:
             x = tl.where(tl.load(OUTLIER + cols, mask=cols < K, other=0) != 0, 0.0, x)
-        q = tl.minimum(tl.maximum(tl.floor(x * inv + 0.5), -127.0), 127.0)
+        # A division, not x * (1 / scale): a multiply followed by + 0.5 may be contracted into one FMA on
+        # the GPU (rounding once where the reference rounds twice); a division never is.
+        q = tl.minimum(tl.maximum(tl.floor(tl.math.div_rn(x, safe_scale) + 0.5), -127.0), 127.0)
         tl.store(Q + row * K + cols, q.to(tl.int8), mask=cols < K)
 
 

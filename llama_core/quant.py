@@ -29,12 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kernels.int8_matmul import DEFAULT_THRESHOLD, int8_linear
-from kernels.int8_quant import quantize_weight
-from kernels.int8_weight_only import int8_weight_only_matmul
+# The kernels are imported where used, so `import llama_core` does not import Triton (which also lets a test
+# set TRITON_INTERPRET=1 after importing the model: Triton reads it when triton.language is imported).
 
 QUANT_METHOD = "llama_core_int8"
 MODES = ("int8", "int8-weight-only")
+DEFAULT_THRESHOLD = 6.0  # LLM.int8()'s outlier threshold (as kernels.int8_matmul.DEFAULT_THRESHOLD)
 
 __all__ = ["MODES", "Int8Config", "Int8Linear", "dequantize", "quantize"]
 
@@ -104,6 +104,8 @@ class Int8Linear(nn.Module):
 
     def set_weight(self, weight: Tensor) -> None:
         """Quantise a full-precision ``[out, in]`` weight into this layer (on the weight's device)."""
+        from kernels.int8_quant import quantize_weight
+
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"Int8Linear: weight shape {tuple(weight.shape)} != ({self.out_features}, "
                              f"{self.in_features})")
@@ -114,7 +116,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "int8-weight-only":
+            from kernels.int8_weight_only import int8_weight_only_matmul
+
             return int8_weight_only_matmul(x, self.weight, self.weight_scale, self.bias)
+        from kernels.int8_matmul import int8_linear
+
         return int8_linear(x, self.weight, self.weight_scale, self.bias, self.threshold)
 
     def _apply(self, fn, recurse: bool = True):
