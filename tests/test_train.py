@@ -108,6 +108,23 @@ def test_accumulation_matches_one_big_batch(corpus, tmp_path):
     torch.testing.assert_close(torch.tensor(small), torch.tensor(big), atol=1e-5, rtol=1e-5)
 
 
+def test_gradient_checkpointing_bf16_and_compile_keep_the_curve(corpus, tmp_path):
+    reference = torch.tensor(train(make_config(corpus, tmp_path / "ref", max_steps=3)).losses)
+    checkpointed = train(make_config(corpus, tmp_path / "gc", max_steps=3, gradient_checkpointing=True)).losses
+    assert checkpointed == reference.tolist()  # recomputation is exact on CPU
+    bf16 = torch.tensor(train(make_config(corpus, tmp_path / "bf16", max_steps=3, dtype="bfloat16")).losses)
+    assert not torch.equal(bf16, reference)  # autocast really ran in bf16 ...
+    torch.testing.assert_close(bf16, reference, atol=5e-3, rtol=0)  # ... with the loss in fp32
+
+
+@pytest.mark.slow
+def test_compiled_layers_keep_the_curve(corpus, tmp_path):
+    pytest.importorskip("torch._inductor")
+    reference = torch.tensor(train(make_config(corpus, tmp_path / "ref", max_steps=2)).losses)
+    compiled = torch.tensor(train(make_config(corpus, tmp_path / "c", max_steps=2, compile=True)).losses)
+    torch.testing.assert_close(compiled, reference, atol=1e-5, rtol=1e-5)
+
+
 class Crash(RuntimeError):
     pass
 

@@ -57,6 +57,13 @@ def test_two_rank_loss_curve_equals_single_process(runs, mode):
     assert single.losses[-1] < single.losses[0]
 
 
+def test_fsdp_bf16_mixed_precision_tracks_fp32(runs):
+    _, _, _, results, single = runs
+    bf16, fp32 = torch.tensor(results["fsdp_bf16"]), torch.tensor(single.losses)
+    assert not torch.equal(bf16, fp32)
+    torch.testing.assert_close(bf16, fp32, atol=5e-3, rtol=0)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_tensor_parallel_logits_equal_single_device(runs, attn):
     assert runs[3]["tp_logits_error"][attn] <= 1e-5

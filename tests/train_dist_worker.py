@@ -50,6 +50,9 @@ def main() -> None:
     results: dict = {}
     for mode in ("fsdp", "ddp", "tp"):
         results[mode] = train(run_config(data, tok, out / mode, parallel=mode)).losses
+    # bf16 compute through FSDP's MixedPrecisionPolicy (fp32 master weights and gradient reduction)
+    results["fsdp_bf16"] = train(run_config(data, tok, out / "fsdp_bf16", parallel="fsdp", dtype="bfloat16",
+                                            gradient_checkpointing=True, export_hf=False)).losses
     # resume the FSDP run from its step-2 checkpoint on the same 2 ranks: must be bit-identical
     step2 = out / "fsdp" / "checkpoints" / "step_00000002"
     results["fsdp_resumed"] = train(run_config(data, tok, out / "fsdp_resumed", parallel="fsdp", resume=str(step2),
