@@ -45,8 +45,16 @@ def quantize_rows_ref(x: Tensor, outlier_cols: Tensor | None = None) -> tuple[Te
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Per-output-channel symmetric int8 of a ``[N, K]`` linear weight: ``(w_q [N, K] int8, scale [N] fp32)``.
 
-    The same rule as the activations (absmax / 127, round half up), applied along K; done once, in PyTorch."""
-    return quantize_rows_ref(weight)
+    The same rule as the activations (absmax / 127, round half up), applied along K; done once, in PyTorch,
+    in blocks of rows so that its fp32 temporaries stay small (quantising while loading must not need a
+    multiple of the largest weight in scratch memory)."""
+    n, k = weight.shape
+    q = torch.empty((n, k), dtype=torch.int8, device=weight.device)
+    scale = torch.empty(n, dtype=torch.float32, device=weight.device)
+    rows = max(1, (1 << 18) // max(k, 1))  # ~1 MB of fp32 per temporary
+    for start in range(0, n, rows):
+        q[start:start + rows], scale[start:start + rows] = quantize_rows_ref(weight[start:start + rows])
+    return q, scale
 
 
 # ----------------------------------------------------------------------------------------------- kernel

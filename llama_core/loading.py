@@ -297,7 +297,11 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
             quantize_on_load[key].set_weight(_place(tensor, target, device_for(key, placement)))
         elif key is not None:
             dtype = tensor.dtype if key in buffer_keys else target  # buffers keep theirs: int8 weights, fp32 scales
-            _assign(model, key, _place(tensor, dtype, device_for(key, placement)))
+            placed = _place(tensor, dtype, device_for(key, placement))
+            if quantize_on_load and placed.data_ptr() == tensor.data_ptr():
+                # An own copy, so the shard's mapping (whose big weights were quantised and dropped) can go.
+                placed = placed.clone()
+            _assign(model, key, placed)
 
     for module_name in sorted({key.rsplit(".", 1)[0] for key in to_init}):
         keys = ", ".join(sorted(k for k in to_init if k.startswith(module_name + ".")))

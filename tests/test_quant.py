@@ -65,7 +65,7 @@ def test_quantize_while_loading_equals_quantize_after(saved, mode):
 
 
 def test_threshold_and_skip_are_honoured(saved):
-    path, ids, _ = saved
+    path, _, _ = saved
     model = LlamaForCausalLM.from_pretrained(path, quantize={"mode": "int8", "threshold": 0.0,
                                                              "skip": ["lm_head", "*.mlp.down_proj"]})
     assert model.model.layers[1].self_attn.q_proj.threshold == 0.0
@@ -185,6 +185,12 @@ CHILD = textwrap.dedent("""
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
+    # One-off imports first (a meta-device model imports torch._dynamo, ~80 MB; the int8 kernel modules),
+    # so that the growth measured below is the load's own.
+    with torch.device("meta"):
+        llama_core.LlamaForCausalLM(llama_core.LlamaConfig.from_preset("tiny"))
+    import kernels.int8_quant, kernels.int8_weight_only  # noqa: E401, F401
+
     baseline = status_bytes("VmRSS")
     model = llama_core.LlamaForCausalLM.from_pretrained(sys.argv[1], quantize="int8-weight-only")
     print(status_bytes("VmHWM") - baseline, model.get_memory_footprint())
@@ -204,8 +210,8 @@ def test_quantizing_while_loading_never_holds_the_full_precision_model(tmp_path)
     assert proc.returncode == 0, proc.stderr
     grown, footprint = map(int, proc.stdout.split())
     assert footprint < 0.4 * size
-    # The int8 model, plus one shard mapped and a few fp32 temporaries of the largest tensor.
-    assert grown < footprint + 120 * 2**20 < 0.75 * size, (grown / 2**20, footprint / 2**20, size / 2**20)
+    # The int8 model, plus about two shards' worth of mapped pages and scratch (measured: +45..90 MB).
+    assert grown < footprint + 100 * 2**20 < 0.65 * size, (grown / 2**20, footprint / 2**20, size / 2**20)
 
 
 # ---------------------------------------------------------------------------------------- real model
