@@ -82,8 +82,8 @@ def bench_decode(pair: ModelPair, settings: BenchSettings, copy_bytes_per_s: flo
             memory[name], outputs[name] = mem, out
         calls = {}
         for name, fn in fns.items():
-            calls[f"{name}@{new}"] = lambda fn=fn: fn(ids, new)
-            calls[f"{name}@1"] = lambda fn=fn: fn(ids, 1)
+            calls[f"{name}@{new}"] = lambda fn=fn, ids=ids: fn(ids, new)
+            calls[f"{name}@1"] = lambda fn=fn, ids=ids: fn(ids, 1)
         progress(f"decode batch {batch}: timing")
         cmp = interleaved(calls, settings.device, settings.repeats, warmup=0)
         decode = {name: [a - b for a, b in zip(cmp.times[f"{name}@{new}"], cmp.times[f"{name}@1"], strict=True)]
@@ -93,18 +93,22 @@ def bench_decode(pair: ModelPair, settings: BenchSettings, copy_bytes_per_s: flo
         for name in fns:
             impl, mode = name.split("/")
             stats = quantiles(decode[name])
-            med = max(stats["median_s"], 1e-12)
-            gbs = step_bytes * steps / med
-            ref = decode.get(REFERENCE)
+            # A difference of two noisy times can come out <= 0 when the steps are short next to the noise
+            # (tiny models, a busy machine): then there is no speed to report, only the flag.
+            ok = stats["median_s"] > 0
+            med = stats["median_s"]
+            ref = statistics.median(decode[REFERENCE]) if REFERENCE in decode else None
+            gbs = step_bytes * steps / med if ok else None
             rows.append({
                 "bench": "decode", "batch": batch, "prompt_tokens": plen, "new_tokens": new, "impl": impl,
-                "mode": mode, **stats, "tok_s": batch * steps / med, "ms_per_step": med / steps * 1e3,
+                "mode": mode, **stats, "reliable": ok and stats["p20_s"] > 0,
+                "tok_s": batch * steps / med if ok else None, "ms_per_step": med / steps * 1e3,
                 "generate_s": statistics.median(cmp.times[f"{name}@{new}"]),
-                "gb_s": gbs / 1e9, "frac_copy_bw": gbs / copy_bytes_per_s,
+                "gb_s": gbs / 1e9 if ok else None, "frac_copy_bw": gbs / copy_bytes_per_s if ok else None,
                 "peak_mem_bytes": memory[name].peak, "added_mem_bytes": memory[name].added,
-                # > 1: faster than transformers' generate; median of per-repeat ratios of decode time
-                "vs_transformers": statistics.median(r / o for r, o in zip(ref, decode[name], strict=True))
-                if ref is not None else None,
+                # > 1: faster than transformers' generate (ratio of median decode times; a per-repeat ratio
+                # of two differences would amplify the noise)
+                "vs_transformers": ref / med if ok and ref is not None and ref > 0 else None,
                 "same_tokens_as_transformers": bool(torch.equal(outputs[name].cpu(), outputs[REFERENCE].cpu()))
                 if REFERENCE in outputs else None,
             })

@@ -12,6 +12,7 @@ The scripts in ``benchmarks/`` (bench_rms_norm.py, bench_rope.py) are thin CLI w
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
 Row = dict[str, Any]
 KernelBenchmark = Callable[[bool, str], list[Row]]
 
@@ -75,11 +77,12 @@ def rms_norm_rows(device: str, dtype: str = "bfloat16", hidden: Sequence[int] = 
             dy = torch.randn(m, n, device=device, dtype=dt)
             inputs = [x, w] + ([r] if r is not None else [])
             for name, f in impls.items():
-                def fwd(f=f) -> object:
+                def fwd(f=f, x=x, w=w, r=r) -> object:
                     with torch.no_grad():
                         return f(x, w, eps, r)
 
-                def fwd_bwd(f=f) -> None:  # autograd.grad, not .backward(): no .grad accumulation timed
+                # autograd.grad, not .backward(): no .grad accumulation kernels in the timing
+                def fwd_bwd(f=f, x=x, w=w, r=r, inputs=inputs, dy=dy) -> None:
                     out = f(x, w, eps, r)
                     torch.autograd.grad(out[0] if r is not None else out, inputs, dy)
 
@@ -151,8 +154,8 @@ def _rope_calls(fn, q, k, pos, inv_freq, gq, gk):
 # ------------------------------------------------------------------------------------------------ registry
 KERNEL_BENCHMARKS: dict[str, KernelBenchmark] = {
     # quick: the 8B-shaped sizes that matter most; full: the sweeps the benchmark scripts run by default.
-    "rms_norm": lambda quick, device: rms_norm_rows(device, hidden=(4096,) if quick else (1024, 2048, 4096, 8192, 16384),
-                                                    tokens=(16384,) if quick else (4096, 16384)),
+    "rms_norm": lambda quick, device: rms_norm_rows(
+        device, hidden=(4096,) if quick else (1024, 2048, 4096, 8192, 16384), tokens=(16384,) if quick else (4096, 16384)),
     "rope": lambda quick, device: rope_rows(device, tokens=(16384,) if quick else (1024, 4096, 16384)),
 }
 
@@ -160,8 +163,6 @@ KERNEL_BENCHMARKS: dict[str, KernelBenchmark] = {
 def run_kernel_benchmarks(device: str, quick: bool, names: Sequence[str] | None = None,
                           progress: Callable[[str], None] | None = None) -> dict[str, list[Row]]:
     """Run the registered op benchmarks (all, or ``names``); a failing one is logged and recorded empty."""
-    import logging
-
     results: dict[str, list[Row]] = {}
     for name in names or list(KERNEL_BENCHMARKS):
         if progress is not None:
@@ -169,6 +170,6 @@ def run_kernel_benchmarks(device: str, quick: bool, names: Sequence[str] | None 
         try:
             results[name] = KERNEL_BENCHMARKS[name](quick, device)
         except Exception as e:  # one broken op must not lose the whole run's record
-            logging.getLogger(__name__).error("kernel benchmark %s failed: %s", name, e)
+            logger.error("kernel benchmark %s failed: %s", name, e)
             results[name] = []
     return results

@@ -37,7 +37,7 @@ def plot_record(record: Record, record_path: Path) -> list[Path]:
             rows = m.get(bench)
             if not rows:
                 continue
-            fig, axes = draw(plt, rows)
+            fig, _ = draw(plt, rows)
             fig.suptitle(f"{preset} {bench} ({m['settings']['dtype']})\n{subtitle}", fontsize=9)
             fig.tight_layout()
             path = record_path.with_name(f"{record_path.stem}-{preset}-{bench}.png")
@@ -88,8 +88,11 @@ def _decode(plt: Any, rows: list[dict[str, Any]]) -> tuple[Any, Any]:
     for i, (name, sel) in enumerate(series.items()):
         by_batch = {r["batch"]: r for r in sel}
         xs = [j + i * width for j in range(len(batches))]
-        axes[0].bar(xs, [by_batch[b]["tok_s"] if b in by_batch else 0 for b in batches], width, label=name)
-        axes[1].bar(xs, [by_batch[b]["frac_copy_bw"] if b in by_batch else 0 for b in batches], width, label=name)
+        def value(b: int, key: str, by_batch: dict = by_batch) -> float:  # None (drowned in noise) -> 0
+            return (by_batch[b].get(key) or 0) if b in by_batch else 0
+
+        axes[0].bar(xs, [value(b, "tok_s") for b in batches], width, label=name)
+        axes[1].bar(xs, [value(b, "frac_copy_bw") for b in batches], width, label=name)
     for ax, label in zip(axes, ("tokens/s", "fraction of copy bandwidth"), strict=True):
         ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
         ax.set_ylabel(label)

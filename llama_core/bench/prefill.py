@@ -44,7 +44,7 @@ def bench_prefill(pair: ModelPair, settings: BenchSettings, progress: Progress) 
     rows = []
     for n in settings.prompt_lens:
         ids = torch.randint(0, vocab, (1, n), generator=g).to(settings.device)
-        calls = {name: (lambda f=f: f(ids)) for name, f in fns.items()}
+        calls = {name: (lambda f=f, ids=ids: f(ids)) for name, f in fns.items()}
         memory = {}
         for name, call in calls.items():
             progress(f"prefill {n} {name}: warm-up")

@@ -72,8 +72,10 @@ def prefill_rows(m: dict[str, Any]) -> list[list[str]]:
 
 
 def decode_rows(m: dict[str, Any]) -> list[list[str]]:
-    return [[f"{r['batch']}", _name(r), f"{r['ms_per_step']:,.1f} ms", f"{r['tok_s']:,.1f}",
-             f"{r['gb_s']:,.1f} ({r['frac_copy_bw']:.0%})", _mb(r["added_mem_bytes"]), _x(r["vs_transformers"]),
+    return [[f"{r['batch']}", _name(r), f"{r['ms_per_step']:,.1f} ms",
+             "-" if r["tok_s"] is None else f"{r['tok_s']:,.1f}",
+             "-" if r["gb_s"] is None else f"{r['gb_s']:,.1f} ({r['frac_copy_bw']:.0%})",
+             _mb(r["added_mem_bytes"]), _x(r["vs_transformers"]),
              {True: "yes", False: "no", None: "-"}[r.get("same_tokens_as_transformers")]] for r in m.get("decode", [])]
 
 

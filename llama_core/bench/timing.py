@@ -142,5 +142,4 @@ def copy_bandwidth(device: torch.device | str, nbytes: int, repeats: int = 5) ->
     dst = torch.empty_like(src)
     dst.copy_(src)
     times = [time_call(lambda: dst.copy_(src), device) for _ in range(repeats)]
-    del src, dst
     return 2 * n * 4 / statistics.median(times)
