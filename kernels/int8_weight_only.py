@@ -9,8 +9,8 @@ dtype. Decoding at small batch is bound by reading the weights; int8 halves thos
 the per-channel scale is applied once per output, after the K loop, so the inner loop is a plain
 dequantise-free ``dot(x, w.to(x.dtype))`` (int8 values are exact in bf16/fp16).
 
-Without Triton (CPU): ``torch.ops.aten._weight_int8pack_mm`` (PyTorch's own CPU weight-only kernel) where
-the dtypes allow, else the reference.
+Without Triton: ``torch.ops.aten._weight_int8pack_mm`` (PyTorch's own CPU weight-only kernel) for a few
+rows in half precision, else the weights converted to x's dtype and a BLAS matmul, scaled per output.
 """
 
 from __future__ import annotations
@@ -38,10 +38,13 @@ def int8_weight_only_matmul_ref(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: T
 
 
 def _weight_only_torch(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if x.device.type == "cpu" and x.shape[0] <= 16 and x.dtype in (torch.bfloat16, torch.float16):
+        # torch's CPU weight-only kernel: good at decode sizes in half precision (measured far slower than a
+        # dequantised BLAS matmul for fp32 or many rows on a 2-core CPU).
         out = torch.ops.aten._weight_int8pack_mm(x.contiguous(), w_q.contiguous(), w_scale.to(x.dtype))
-        return out + bias if bias is not None else out
-    return int8_weight_only_matmul_ref(x, w_q, w_scale, bias)
+    else:  # dequantise into x's dtype (int8 values are exact there) and let BLAS do it; scale per output
+        out = ((x @ w_q.to(x.dtype).t()).float() * w_scale.float()).to(x.dtype)
+    return out + bias if bias is not None else out
 
 
 # ----------------------------------------------------------------------------------------------- kernel

@@ -196,11 +196,13 @@ def test_weight_only_matches_reference(m, k, n, dtype, bias):
     assert_bound(got, ref, out_rtol(dtype) + EPS32, atol)
 
 
+@pytest.mark.parametrize("rows", [3, 40], ids=["int8pack", "dequant-blas"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_weight_only_cpu_kernel_matches_reference(dtype):
-    """torch's own CPU kernel (_weight_int8pack_mm), the non-Triton path, computes in the activation dtype."""
+def test_weight_only_cpu_path_matches_reference(dtype, rows):
+    """The non-Triton paths (torch's _weight_int8pack_mm for few half-precision rows, else dequantised BLAS)
+    compute in the activation dtype: one more rounding of it than the fp32 reference."""
     torch.manual_seed(8)
-    x = torch.randn(3, 96).to(dtype)
+    x = torch.randn(rows, 96).to(dtype)
     w_q, w_s = quantize_weight(torch.randn(40, 96) * 0.05)
     got = WO._weight_only_torch(x, w_q, w_s, None)
     ref = WO.int8_weight_only_matmul_ref(x, w_q, w_s)
@@ -273,3 +275,18 @@ def test_gpu_llama_shapes(m, k, n):
     ref = WO.int8_weight_only_matmul_ref(x, w_q, w_s)
     assert_bound(got, ref, out_rtol(torch.bfloat16) + EPS32,
                  2 * k * EPS32 * (x.float().abs() @ w_q.float().abs().t()) * w_s)
+
+
+# ------------------------------------------------------------------------------------------------ benchmark
+def test_benchmark_sweep_rows():
+    """The int8 benchmark's sweep (llama_core.bench.int8) runs every implementation it can and relates
+    each to the dense matmul of the same shape."""
+    from llama_core.bench.int8 import int8_matmul_rows
+
+    rows = int8_matmul_rows(DEVICE, m_values=(1, 20), shapes=((64, 32),), dtype="float32", repeats=1)
+    impls = {(r["impl"], r["m"]) for r in rows}
+    assert {("dense_matmul", 1), ("w8a8_gemm", 20), ("w8a8_linear", 1), ("weight_only", 20)} <= impls
+    for r in rows:
+        assert r["ms"] > 0 and r["tflops"] == pytest.approx(2 * r["m"] * 32 * 64 / r["ms"] / 1e9)
+        dense = next(d for d in rows if d["impl"] == "dense_matmul" and d["m"] == r["m"])
+        assert r["speedup_vs_dense"] == pytest.approx(dense["ms"] / r["ms"])
