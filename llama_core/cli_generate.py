@@ -26,6 +26,8 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quantize", choices=["int8", "int8-weight-only"],
+                   help="quantise the linear layers while loading (see llama_core.quant)")
 
 
 def _load(args: argparse.Namespace) -> tuple[LlamaForCausalLM, Tokenizer]:
@@ -33,7 +35,7 @@ def _load(args: argparse.Namespace) -> tuple[LlamaForCausalLM, Tokenizer]:
     if args.tokenizer is None and Path(args.model).is_file():
         raise ValueError(f"{args.model} is a single weights file; pass --tokenizer (e.g. a sentencepiece .model)")
     tokenizer = Tokenizer.from_pretrained(tokenizer_source)
-    model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+    model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
     return model, tokenizer
 
 

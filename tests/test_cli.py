@@ -60,6 +60,14 @@ def test_generate_tells_the_story_and_reports_speed(stories_hf, capsys):
 
 
 @needs_stories
+@pytest.mark.parametrize("mode", ["int8", "int8-weight-only"])
+def test_generate_quantized_tells_the_story(stories_hf, capsys, mode):
+    assert main(["generate", "--model", str(stories_hf), "--prompt", "", "--max-new-tokens", "40",
+                 "--quantize", mode]) == 0
+    assert capsys.readouterr().out.startswith("Once upon a time, there was a little girl named Lily.")
+
+
+@needs_stories
 def test_generate_with_sampling_is_reproducible(stories_hf, capsys):
     argv = ["generate", "--model", str(stories_hf), "--prompt", "Tom", "--max-new-tokens", "30",
             "--temperature", "0.9", "--top-p", "0.95", "--seed", "7"]
