@@ -100,6 +100,10 @@ def test_loss_falls_and_export_loads_in_transformers(corpus, tmp_path, transform
     ids = torch.tensor([Tokenizer.from_pretrained(result.hf_dir).encode("Once upon a time")])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-4, rtol=1e-4)
+    # fine-tuning from the export (tokenizer found beside it) starts where the run ended, not from scratch
+    tuned = train(make_config(corpus, tmp_path / "tuned", preset=None, tokenizer=None, init_from=str(result.hf_dir),
+                              max_steps=1, global_batch_size=8, micro_batch_size=4))
+    assert abs(tuned.losses[0] - losses[-1]) < 0.5
 
 
 def test_accumulation_matches_one_big_batch(corpus, tmp_path):
@@ -217,6 +221,8 @@ def test_resume_from_a_different_shape_is_refused(corpus, tmp_path):
         train(bigger, on_step=_never)
     with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
         train(make_config(corpus, tmp_path, resume=str(tmp_path)), on_step=_never)
+    with pytest.raises(ValueError, match="already holds checkpoints of a run: pass --resume auto"):
+        train(make_config(corpus, tmp_path), on_step=_never)
 
 
 def test_tokenizer_larger_than_vocab_is_refused(corpus, tmp_path):
@@ -235,5 +241,5 @@ def test_cli_train_and_errors(corpus, tmp_path, capsys):
     assert cli_main(args) == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["rms_norm_eps"] == 1e-6
-    assert cli_main([*args, "--seq-len", "300"]) == 2
+    assert cli_main([*args, "--seq-len", "300", "--output-dir", str(tmp_path / "other")]) == 2
     assert "seq_len 300 is above the model's context" in capsys.readouterr().err

@@ -28,20 +28,22 @@ def run_config(data: str, tok: str, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def tp_logits_error(attn: str) -> float:
-    """Max |TP logits - single-device logits| for a random tiny model (every rank builds the same one)."""
+def tp_inference(attn: str) -> dict:
+    """TP vs single-device: max |logits difference| and whether greedy decoding (KV cache) gives the same
+    tokens, for a random tiny model (every rank builds the same one)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig.from_preset("tiny", attn_implementation=attn)).eval()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        reference = model(ids).logits
-        from torch.distributed.device_mesh import init_device_mesh
-
+        reference, ref_tokens = model(ids).logits, model.generate(ids, max_new_tokens=8)
         tensor_parallel(model, init_device_mesh("cpu", (dist.get_world_size(),)))
         local_heads = model.model.layers[0].self_attn.q_proj.weight.to_local().shape[0] // model.config.head_dim
-        sharded = model(ids).logits
+        sharded, tokens = model(ids).logits, model.generate(ids, max_new_tokens=8)
     assert local_heads == model.config.num_attention_heads // dist.get_world_size()
-    return float((sharded - reference).abs().max())
+    return {"logits_error": float((sharded - reference).abs().max()),
+            "same_tokens": bool(torch.equal(tokens, ref_tokens))}
 
 
 def main() -> None:
@@ -57,7 +59,7 @@ def main() -> None:
     step2 = out / "fsdp" / "checkpoints" / "step_00000002"
     results["fsdp_resumed"] = train(run_config(data, tok, out / "fsdp_resumed", parallel="fsdp", resume=str(step2),
                                                export_hf=False)).losses
-    results["tp_logits_error"] = {attn: tp_logits_error(attn) for attn in ("sdpa", "eager")}
+    results["tp_inference"] = {attn: tp_inference(attn) for attn in ("sdpa", "eager")}
     try:  # 6 sequences over 2 ranks x micro batch 2: refused on every rank before any step
         train(run_config(data, tok, out / "uneven", global_batch_size=6), on_step=lambda log: sys.exit(3))
         results["uneven_error"] = None

@@ -78,6 +78,9 @@ class TrainResult:
 def resolve_resume(cfg: TrainConfig) -> Path | None:
     """``"auto"``: the newest complete checkpoint in output_dir, if any; otherwise the given directory."""
     if not cfg.resume:
+        if list_checkpoints(Path(cfg.output_dir) / "checkpoints"):
+            raise ValueError(f"{cfg.output_dir} already holds checkpoints of a run: pass --resume auto to continue "
+                             f"it, or choose another --output-dir")
         return None
     if cfg.resume == "auto":
         found = list_checkpoints(Path(cfg.output_dir) / "checkpoints")
