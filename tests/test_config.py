@@ -99,7 +99,7 @@ def test_bad_config_files(tmp_path):
 @pytest.mark.parametrize(("name", "params"), [
     ("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320), ("llama3-8b", 8_030_261_248),
     ("llama3.1-8b", 8_030_261_248), ("llama3.2-1b", 1_235_814_400), ("llama3.2-3b", 3_212_749_824),
-    ("tinyllama-1.1b", 1_100_048_384), ("llama2-70b", 68_976_648_192), ("llama3-70b", 70_553_706_496),
+    ("tinyllama-1.1b", 1_100_048_384), ("synthetic-100m", 100_092_672), ("llama2-70b", 68_976_648_192), ("llama3-70b", 70_553_706_496),
 ])
 def test_presets_have_the_released_parameter_counts(name, params):
     import torch
