@@ -57,6 +57,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.decode_tokens is not None and args.decode_tokens < 2:  # decode speed = t(n) - t(1) over n - 1 steps
+        raise ValueError(f"--decode-tokens must be >= 2, got {args.decode_tokens}")
     device = args.device or bench.default_device()
     settings = bench.default_settings(device, args.quick)
     if args.preset:  # the device's defaults, for each named shape

@@ -20,6 +20,12 @@ if TYPE_CHECKING:
 
 # torch.compile options for the one-token decode step; the prefill always runs eagerly (its shape varies).
 COMPILE_OPTIONS: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": True}
+# compile="frozen": inductor's freezing treats the weights as constants, folds them into the graph and, on a
+# CPU, prepacks them for oneDNN's matmuls: one-token steps of a 100M fp32 model 1.3x faster than eager on a
+# 2-core EPYC (same tokens), where the eager matmuls already read the weights at ~80% of copy bandwidth.
+# No CUDA graphs with it (mode and options exclude each other). Weights changed after compiling are not
+# seen (dynamo does not guard on tensor values): for inference only.
+FROZEN_COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True, "options": {"freezing": True}}
 
 
 def _decode_step(model: torch.nn.Module, cache: Any, tokens: Tensor, position_ids: Tensor,
@@ -32,13 +38,23 @@ def _decode_step(model: torch.nn.Module, cache: Any, tokens: Tensor, position_id
 _compiled_steps: dict[str, Callable[..., Tensor]] = {}
 
 
-def _compiled_decode_step() -> Callable[..., Tensor]:
+def _compiled_decode_step(frozen: bool = False) -> Callable[..., Tensor]:
     """Compiled once per process and option set: dynamo guards (not our code) tell models and shapes apart,
     and the StaticCache is an argument, so a new cache of the same shape reuses the graph."""
-    key = repr(sorted(COMPILE_OPTIONS.items()))
+    options = FROZEN_COMPILE_OPTIONS if frozen else COMPILE_OPTIONS
+    key = repr(sorted(options.items()))
     if key not in _compiled_steps:
-        _compiled_steps[key] = torch.compile(_decode_step, **COMPILE_OPTIONS)
+        # A distinct function object per option set: dynamo caches graphs per code object, and a frozen
+        # graph must never serve an unfrozen call (or the reverse).
+        step = _decode_step if not frozen else _frozen_step
+        _compiled_steps[key] = torch.compile(step, **options)
     return _compiled_steps[key]
+
+
+def _frozen_step(model: torch.nn.Module, cache: Any, tokens: Tensor, position_ids: Tensor,
+                 cache_position: Tensor | None, attention_mask: Tensor | None) -> Tensor:
+    return model(tokens, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
+                 use_cache=True, cache_position=cache_position, logits_to_keep=1).logits[:, -1]
 
 
 class _Runner:
@@ -66,8 +82,8 @@ class _Runner:
         self.positions = (torch.full((rows, 1), prompt, device=self.device) if plan.mask is None
                           else plan.mask.sum(-1, keepdim=True))
         self.cache_position = torch.tensor([prompt], device=self.device)
-        self.step_fn = _compiled_decode_step() if plan.compile else _decode_step
-        self.compiled = plan.compile
+        self.step_fn = _compiled_decode_step(plan.compile == "frozen") if plan.compile else _decode_step
+        self.compiled = bool(plan.compile)
 
     def prefill(self, ids: Tensor) -> Tensor:
         n = ids.shape[1]

@@ -62,7 +62,8 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
              stop_strings: str | list[str] | None = None, tokenizer: Tokenizer | None = None,
              seed: int | None = None, generator: torch.Generator | None = None,
              streamer: Callable[[Any], None] | None = None, output_logprobs: bool = False,
-             cache: Literal["dynamic", "static"] | StaticCache | None = None, compile: bool = False,
+             cache: Literal["dynamic", "static"] | StaticCache | None = None,
+             compile: bool | Literal["frozen"] = False,
              check_every: int = 8) -> Tensor | GenerationOutput:
     """Continue ``input_ids [batch, prompt]`` (left-padded, with ``attention_mask``, for unequal lengths).
 
@@ -88,7 +89,11 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
       per row; pad for finished rows) at every step.
     - ``cache``: "dynamic" (default) or "static" (preallocated ``prompt + max_new_tokens`` slots; the
       default with ``compile``) or a ``StaticCache`` of yours, reset and reused, so compiled graphs are too.
-      ``compile=True`` compiles the one-token decode step (``COMPILE_OPTIONS``).
+      ``compile=True`` compiles the one-token decode step (``COMPILE_OPTIONS``). ``compile="frozen"``
+      also folds the weights into the compiled graph as constants (``FROZEN_COMPILE_OPTIONS``, inductor's
+      freezing: oneDNN-prepacked weights, the fast path on a CPU) for a model whose weights no longer
+      change: the graph keeps the weights it was compiled with (``torch.compiler.reset()`` after changing
+      them).
     - ``check_every``: steps between host reads of "all rows finished" (see the module docstring).
     """
     options = {k: v for k, v in locals().items() if k not in ("model", "input_ids", "attention_mask")}
@@ -179,7 +184,7 @@ class _Plan:
     generator: torch.Generator | None
     output_logprobs: bool
     cache: str | StaticCache
-    compile: bool
+    compile: bool | str  # False, True or "frozen"
     check_every: int
 
 
@@ -251,6 +256,7 @@ def _prepare(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
     cache = "static" if o["cache"] is None and o["compile"] else o["cache"] or "dynamic"
     check(isinstance(cache, StaticCache) or cache in ("dynamic", "static"),
           f"cache must be 'dynamic', 'static' or a StaticCache, got {cache!r}")
+    check(o["compile"] in (True, False, "frozen"), f"compile must be True, False or 'frozen', got {o['compile']!r}")
     check(not (o["compile"] and cache == "dynamic"), "compile=True needs a static cache (cache='static')")
 
     check(o["seed"] is None or o["generator"] is None, "pass seed or generator, not both")
@@ -309,7 +315,7 @@ def _prepare(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
         do_sample=do_sample, temperature=float(o["temperature"]), top_k=o["top_k"], top_p=float(o["top_p"]),
         min_p=float(o["min_p"]), min_tokens_to_keep=eos_keep if beams > 1 else 1)
     return _Plan(ids, mask, settings, new, beams, nrs, float(o["length_penalty"]), o["early_stopping"], eos,
-                 pad, stop, tokenizer, generator, bool(o["output_logprobs"]), cache, bool(o["compile"]),
+                 pad, stop, tokenizer, generator, bool(o["output_logprobs"]), cache, o["compile"],
                  o["check_every"])
 
 

@@ -165,3 +165,32 @@ def test_kernel_registry_rows_have_the_common_fields():
     assert {(r["op"], r["impl"]) for r in rows} == {("rms_norm", "triton"), ("rms_norm", "eager"),
                                                     ("rope", "triton"), ("rope", "torch_eager")}
     assert all(r["ms"] > 0 and r["gbps"] > 0 for r in rows)
+
+
+def test_frozen_compile_is_checked_and_plumbed(monkeypatch):
+    """compile="frozen" takes its own options and its own compiled function (a frozen graph must never
+    serve a plain compile=True call); traced here with the eager backend, the real one is the slow test."""
+    from llama_core import decode_loop
+    from llama_core.generation import generate
+
+    model = __import__("llama_core").LlamaForCausalLM.from_preset("tiny").eval()
+    ids = torch.randint(0, 256, (2, 5))
+    with pytest.raises(ValueError, match="compile must be"):
+        generate(model, ids, max_new_tokens=2, compile="fast")
+    monkeypatch.setattr(decode_loop, "FROZEN_COMPILE_OPTIONS", {"backend": "eager", "fullgraph": True})
+    monkeypatch.setattr(decode_loop, "_compiled_steps", {})
+    want = generate(model, ids, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(generate(model, ids, max_new_tokens=6, eos_token_id=[], compile="frozen"), want)
+    (fn,) = decode_loop._compiled_steps.values()
+    assert fn._torchdynamo_orig_callable is decode_loop._frozen_step
+
+
+@pytest.mark.slow
+def test_frozen_compile_gives_the_eager_tokens():
+    from llama_core.generation import generate
+
+    torch._dynamo.reset()
+    model = __import__("llama_core").LlamaForCausalLM.from_preset("tiny").eval()
+    ids = torch.randint(0, 256, (2, 5))
+    want = generate(model, ids, max_new_tokens=8, eos_token_id=[])
+    assert torch.equal(generate(model, ids, max_new_tokens=8, eos_token_id=[], compile="frozen"), want)

@@ -46,9 +46,11 @@ def candidates(pair: ModelPair, settings: BenchSettings) -> dict[str, Generate]:
     fns: dict[str, Generate] = {
         "llama_core/eager": lambda ids, n: generate(ours, ids, max_new_tokens=n, eos_token_id=[]),
     }
-    if settings.compile:  # static cache + the compiled one-token step (CUDA graphs on a GPU)
-        fns["llama_core/compiled"] = lambda ids, n: generate(ours, ids, max_new_tokens=n, eos_token_id=[],
-                                                             compile=True)
+    if settings.compile:  # static cache + the compiled one-token step: CUDA graphs on a GPU, frozen
+        # (oneDNN-prepacked) weights on a CPU, each device's fast path
+        cpu = torch.device(settings.device).type == "cpu"
+        fns["llama_core/compiled-frozen" if cpu else "llama_core/compiled"] = (
+            lambda ids, n: generate(ours, ids, max_new_tokens=n, eos_token_id=[], compile="frozen" if cpu else True))
     if theirs is not None:
         def hf(ids: torch.Tensor, n: int, **kw: Any) -> torch.Tensor:
             return theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
