@@ -158,7 +158,7 @@ def test_targets_are_evaluated_from_the_rows():
 
 
 def test_kernel_registry_rows_have_the_common_fields():
-    assert {"rms_norm", "rope"} <= set(KERNEL_BENCHMARKS)
+    assert {"rms_norm", "rope", "int8_matmul"} <= set(KERNEL_BENCHMARKS)
     rows = rms_norm_rows("cpu", dtype="float32", hidden=(64,), tokens=(3,), compile=False, repeats=1)
     rows += rope_rows("cpu", dtype="float32", tokens=(5,), heads=4, kv_heads=2, head_dim=16, compile=False,
                       repeats=1)

@@ -157,7 +157,14 @@ KERNEL_BENCHMARKS: dict[str, KernelBenchmark] = {
     "rms_norm": lambda quick, device: rms_norm_rows(
         device, hidden=(4096,) if quick else (1024, 2048, 4096, 8192, 16384), tokens=(16384,) if quick else (4096, 16384)),
     "rope": lambda quick, device: rope_rows(device, tokens=(16384,) if quick else (1024, 4096, 16384)),
+    "int8_matmul": lambda quick, device: _int8_matmul_rows(quick, device),
 }
+
+
+def _int8_matmul_rows(quick: bool, device: str) -> list[Row]:
+    from .int8 import M_VALUES, int8_matmul_rows  # int8.py imports this module
+
+    return int8_matmul_rows(device, m_values=(1, 16, 512, 4096) if quick else M_VALUES)
 
 
 def run_kernel_benchmarks(device: str, quick: bool, names: Sequence[str] | None = None,
