@@ -51,7 +51,8 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
     n, k = weight.shape
     q = torch.empty((n, k), dtype=torch.int8, device=weight.device)
     scale = torch.empty(n, dtype=torch.float32, device=weight.device)
-    rows = max(1, (1 << 18) // max(k, 1))  # ~1 MB of fp32 per temporary
+    # ~1 MB of fp32 per temporary on a CPU (host RSS while loading); ~64 MB on a GPU, where launches cost more
+    rows = max(1, (1 << (24 if weight.is_cuda else 18)) // max(k, 1))
     for start in range(0, n, rows):
         q[start:start + rows], scale[start:start + rows] = quantize_rows_ref(weight[start:start + rows])
     return q, scale
