@@ -36,6 +36,23 @@ def jitted(fn: Callable[..., Any]) -> Any:
     return _jit(fn, interpreting())
 
 
+@functools.cache
+def _autotune(fn: Callable[..., Any], configs: Callable[[], list], key: tuple[str, ...]) -> Any:
+    import triton
+
+    return triton.autotune(configs(), key=list(key))(_jit(fn, False))
+
+
+def autotuned(fn: Callable[..., Any], configs: Callable[[], list], key: tuple[str, ...],
+              interpreter_config: dict[str, int]) -> tuple[Any, dict[str, int]]:
+    """``(kernel, meta-parameters to pass at launch)``: compiled, ``fn`` autotuned over ``configs()`` keyed
+    on the ``key`` arguments (nothing to pass); under the interpreter, plain ``fn`` with one small fixed
+    configuration, since autotuning there would run every configuration."""
+    if interpreting():
+        return jitted(fn), interpreter_config
+    return _autotune(fn, configs, key), {}
+
+
 def triton_runs_on(t: torch.Tensor) -> bool:
     """True when the Triton kernel (not the reference) handles a tensor on ``t``'s device."""
     if not HAS_TRITON:

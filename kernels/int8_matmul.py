@@ -22,12 +22,10 @@ multiplied in fp32; ``int8_matmul_ref`` is the plain integer-matmul definition t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from ._runtime import HAS_TRITON, interpreting, jitted, triton_runs_on
+from ._runtime import HAS_TRITON, autotuned, interpreting, triton_runs_on
 from .int8_quant import quantize_rows
 
 if HAS_TRITON:
@@ -60,12 +58,21 @@ def int8_matmul_ref(a_q: Tensor, a_scale: Tensor, w_q: Tensor, w_scale: Tensor, 
     return _epilogue(acc, a_scale, w_scale, float_part, bias, out_dtype)
 
 
+def _int_mm(a_q: Tensor, w_q: Tensor) -> Tensor:
+    """``a_q @ w_q^T`` in int32 by torch._int_mm (exact below 2^31: K * 127^2 fits for K < 133k). Its CUDA
+    backend wants M > 16 and K, N multiples of 8: zero padding meets that and keeps the product exact."""
+    m, k = a_q.shape
+    n = w_q.shape[0]
+    if a_q.is_cuda and (m <= 16 or k % 8 or n % 8):
+        pad_k, pad_n = -k % 8, -n % 8
+        a_q = torch.nn.functional.pad(a_q, (0, pad_k, 0, max(0, 17 - m)))
+        w_q = torch.nn.functional.pad(w_q, (0, pad_k, 0, pad_n))
+        return torch._int_mm(a_q, w_q.t())[:m, :n]
+    return torch._int_mm(a_q, w_q.t())
+
+
 def _int8_matmul_torch(a_q, a_scale, w_q, w_scale, bias, x, outlier_cols, out_dtype) -> Tensor:
-    # torch._int_mm (int32 accumulation, exact below 2^31: K * 127^2 fits for K < 133k) where it runs.
-    try:
-        acc = torch._int_mm(a_q, w_q.t())
-    except RuntimeError:  # shape limits of some backends (e.g. CUDA wants M > 16, K and N multiples of 8)
-        acc = (a_q.float() @ w_q.float().t()).round_().int() if a_q.is_cuda else a_q.int() @ w_q.int().t()
+    acc = _int_mm(a_q, w_q)
     float_part = None
     if outlier_cols is not None:
         cols = outlier_cols.nonzero().squeeze(1)  # a host sync; this path is not the fast one anyway
@@ -135,14 +142,8 @@ def _configs() -> list:
     return decode + middle + prefill
 
 
-# The interpreter runs one small fixed configuration (autotuning there would run every config).
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
-
-
-@functools.cache
-def _autotuned(interpret: bool):
-    kernel = jitted(_int8_matmul_kernel)
-    return kernel if interpret else triton.autotune(_configs(), key=["M_BUCKET", "N", "K", "HAS_OUTLIERS"])(kernel)
+_AUTOTUNE_KEY = ("M_BUCKET", "N", "K", "HAS_OUTLIERS")
 
 
 def _int8_matmul_triton(a_q, a_scale, w_q, w_scale, bias, x, outlier_cols, out_dtype) -> Tensor:
@@ -155,8 +156,7 @@ def _int8_matmul_triton(a_q, a_scale, w_q, w_scale, bias, x, outlier_cols, out_d
     has_outliers = outlier_cols is not None
     if has_outliers and x.stride(-1) != 1:
         x = x.contiguous()
-    kernel = _autotuned(interpreting())
-    extra = _INTERPRETER_CONFIG if interpreting() else {}
+    kernel, config = autotuned(_int8_matmul_kernel, _configs, _AUTOTUNE_KEY, _INTERPRETER_CONFIG)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
@@ -169,7 +169,7 @@ def _int8_matmul_triton(a_q, a_scale, w_q, w_scale, bias, x, outlier_cols, out_d
         HAS_BIAS=bias is not None, HAS_OUTLIERS=has_outliers,
         # Triton's interpreter multiplies bf16 tiles as raw bits: it gets the same products in fp32 (a
         # bf16 x int8 product is exact in fp32, so only the summation order can differ from the GPU).
-        FLOAT_DOT_IEEE=has_outliers and (x.dtype == torch.float32 or interpreting()), **extra)
+        FLOAT_DOT_IEEE=has_outliers and (x.dtype == torch.float32 or interpreting()), **config)
     return out
 
 

@@ -15,12 +15,10 @@ rows in half precision, else the weights converted to x's dtype and a BLAS matmu
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import Tensor
 
-from ._runtime import HAS_TRITON, interpreting, jitted, triton_runs_on
+from ._runtime import HAS_TRITON, autotuned, interpreting, triton_runs_on
 
 if HAS_TRITON:
     import triton
@@ -87,12 +85,6 @@ def _configs() -> list:
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
 
 
-@functools.cache
-def _autotuned(interpret: bool):
-    kernel = jitted(_weight_only_kernel)
-    return kernel if interpret else triton.autotune(_configs(), key=["M_BUCKET", "N", "K"])(kernel)
-
-
 def _weight_only_triton(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
     m, k = x.shape
     n = w_q.shape[0]
@@ -105,12 +97,13 @@ def _weight_only_triton(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
 
-    _autotuned(interpreting())[grid](
+    kernel, config = autotuned(_weight_only_kernel, _configs, ("M_BUCKET", "N", "K"), _INTERPRETER_CONFIG)
+    kernel[grid](
         x, w_q, w_scale.float().contiguous(), bias if bias is not None else w_scale, out,
         m, n, k, min(triton.next_power_of_2(m), 4096), x.stride(0), w_q.stride(0), out.stride(0),
         # Triton's interpreter multiplies bf16 tiles as raw bits; fp32 gives it the same exact products.
         HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32 or interpreting(),
-        **(_INTERPRETER_CONFIG if interpreting() else {}))
+        **config)
     return out
 
 

@@ -276,12 +276,13 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
         model = cls(config, init=False)
     names = _rename(infos, model)
     quant = _quantization(config, quantize, load_in_8bit)
-    if config.quantization_config:  # stored int8: the model takes the checkpoint's layout before checking
+    stored_int8 = bool(config.quantization_config)
+    if stored_int8:  # the model takes the checkpoint's int8 layout before checking it
         replace_linears(model, quant)
     to_init, tie = _check(model, infos, names)
     # Full-precision weights to quantise as they stream in (model key -> Int8Linear).
-    quantize_on_load = {f"{name}.weight": model.get_submodule(name)
-                        for name in (replace_linears(model, quant) if quantize_now(config, quant) else [])}
+    quantize_on_load = {} if quant is None or stored_int8 else {
+        f"{name}.weight": model.get_submodule(name) for name in replace_linears(model, quant)}
     placement = resolve_device_map(model, device_map, device, target, max_memory)
     if tie and not config.tie_word_embeddings:
         logger.info("%s has no lm_head.weight: tying it to the input embedding", path_or_hub_id)
@@ -339,6 +340,3 @@ def _quantization(config: LlamaConfig, quantize: Any, load_in_8bit: bool) -> Int
         return Int8Config.parse(config.quantization_config)
     return Int8Config.parse(quantize) if quantize is not None else None
 
-
-def quantize_now(config: LlamaConfig, quant: Int8Config | None) -> bool:
-    return quant is not None and not config.quantization_config

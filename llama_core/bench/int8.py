@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from .kernels import Row, time_op
+from .timing import time_call
 
 logger = logging.getLogger(__name__)
 
@@ -92,17 +92,8 @@ def _decode_tokens_per_s(model: torch.nn.Module, new_tokens: int, device: str, c
     if compile:
         kwargs.update(cache="static", compile=True)
     generate(model, prompt, **{**kwargs, "max_new_tokens": min(new_tokens, 8)})  # warm-up (and compile)
-    _sync(device)
-    t0 = time.perf_counter()
-    out = generate(model, prompt, **kwargs)
-    _sync(device)
-    produced = out.shape[1] - prompt.shape[1]
-    return produced / (time.perf_counter() - t0)
-
-
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    seconds = time_call(lambda: generate(model, prompt, **kwargs), device)
+    return new_tokens / seconds  # eos_token_id=[]: every call produces exactly new_tokens
 
 
 def int8_decode_rows(device: str, preset: str, dtype: str = "bfloat16", new_tokens: int = 64,

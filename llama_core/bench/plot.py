@@ -38,12 +38,8 @@ def plot_record(record: Record, record_path: Path) -> list[Path]:
             if not rows:
                 continue
             fig, _ = draw(plt, rows)
-            fig.suptitle(f"{preset} {bench} ({m['settings']['dtype']})\n{subtitle}", fontsize=9)
-            fig.tight_layout()
-            path = record_path.with_name(f"{record_path.stem}-{preset}-{bench}.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+            title = f"{preset} {bench} ({m['settings']['dtype']})\n{subtitle}"
+            written.append(_save(plt, fig, title, record_path.with_name(f"{record_path.stem}-{preset}-{bench}.png")))
     for name, rows in record.get("kernels", {}).items():
         if rows:
             fig, ax = plt.subplots(figsize=(8, 4))
@@ -51,13 +47,17 @@ def plot_record(record: Record, record_path: Path) -> list[Path]:
             ax.bar(range(len(rows)), [r["gbps"] for r in rows])
             ax.set_xticks(range(len(rows)), labels, fontsize=6)
             ax.set_ylabel("GB/s")
-            fig.suptitle(f"kernel {name}\n{subtitle}", fontsize=9)
-            fig.tight_layout()
-            path = record_path.with_name(f"{record_path.stem}-kernel-{name}.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            written.append(path)
+            written.append(_save(plt, fig, f"kernel {name}\n{subtitle}",
+                                 record_path.with_name(f"{record_path.stem}-kernel-{name}.png")))
     return written
+
+
+def _save(plt: Any, fig: Any, title: str, path: Path) -> Path:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _series(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
