@@ -7,6 +7,14 @@
 
 ``LlamaForCausalLM.from_pretrained`` reads Meta directories and llama2.c files directly through the same
 readers (``read_meta``, ``read_llama2c``).
+
+Modules: ``source`` (a checkpoint as config + tensor specs + a one-pass stream), one reader per format
+(``meta``, ``llama2c``, ``hf``; ``permute`` holds Meta's interleaved <-> HF rotate-half q/k layout),
+``convert`` (the four conversions) and ``cli``.
+
+May import: ``llama_core.modeling.config`` and ``llama_core.model_io``'s lower modules (hub, dtypes,
+placement, atomic, safetensors_writer, hf_checkpoint), never ``llama_core.model_io.loading``: the loader
+reaches the readers here through a documented lazy import, so this package sits between the two.
 """
 
 from .convert import hf_to_meta, llama2c_to_hf, meta_to_hf, reshard

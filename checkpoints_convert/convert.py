@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llama_core.loading import parse_dtype
-from llama_core.placement import parse_size
-from llama_core.safetensors_io import atomic_directory
+from llama_core.model_io.atomic import atomic_directory
+from llama_core.model_io.dtypes import parse_dtype
+from llama_core.model_io.placement import parse_size
 
 from .hf import read_hf, with_tied_head, write_hf
 from .llama2c import read_llama2c

@@ -9,9 +9,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llama_core.loading import open_checkpoint
-from llama_core.placement import parse_size
-from llama_core.safetensors_io import atomic_directory, write_sharded
+from llama_core.model_io.atomic import atomic_directory
+from llama_core.model_io.hf_checkpoint import open_hf_checkpoint
+from llama_core.model_io.hub import resolve_checkpoint
+from llama_core.model_io.placement import parse_size
+from llama_core.model_io.safetensors_writer import write_sharded
 
 from .source import CheckpointSource, TensorSpec
 
@@ -22,7 +24,7 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 
 def read_hf(directory: str | Path, dtype: torch.dtype | None = None) -> CheckpointSource:
     """An HF checkpoint directory, streamed shard by shard from memory maps, optionally cast."""
-    config, infos, stream = open_checkpoint(directory)
+    config, infos, stream = open_hf_checkpoint(resolve_checkpoint(directory))
     floats = {i.dtype for i in infos.values() if i.dtype.is_floating_point}
     if len(floats) > 1 and dtype is None:
         raise ValueError(f"{directory} mixes dtypes {sorted(map(str, floats))}; pass --dtype to pick one")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from llama_core.config import LlamaConfig
+from llama_core.modeling.config import LlamaConfig
 
 from .permute import interleaved_to_half
 from .source import CheckpointSource, TensorSpec

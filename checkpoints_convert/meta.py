@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from llama_core.config import LlamaConfig
+from llama_core.modeling.config import LlamaConfig
 
 from .permute import half_to_interleaved, interleaved_to_half
 from .source import CheckpointSource, TensorSpec

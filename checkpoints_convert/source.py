@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llama_core.config import LlamaConfig
+from llama_core.modeling.config import LlamaConfig
 
 
 @dataclass

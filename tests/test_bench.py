@@ -170,8 +170,7 @@ def test_kernel_registry_rows_have_the_common_fields():
 def test_frozen_compile_is_checked_and_plumbed(monkeypatch):
     """compile="frozen" takes its own options and its own compiled function (a frozen graph must never
     serve a plain compile=True call); traced here with the eager backend, the real one is the slow test."""
-    from llama_core import decode_loop
-    from llama_core.generation import generate
+    from llama_core.generation import decode_loop, generate
 
     model = __import__("llama_core").LlamaForCausalLM.from_preset("tiny").eval()
     ids = torch.randint(0, 256, (2, 5))

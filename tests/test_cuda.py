@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llama_core import DynamicCache, LlamaForCausalLM, StaticCache
-from llama_core.placement import parse_size
+from llama_core.model_io.placement import parse_size
 from tests.conftest import small_config
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

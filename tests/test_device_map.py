@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llama_core import LlamaForCausalLM, LlamaForQuestionAnswering
-from llama_core.placement import infer_device_map, parse_size, placement_units
+from llama_core.model_io.placement import infer_device_map, parse_size, placement_units
 from tests.conftest import random_model, small_config
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 127, 0]])

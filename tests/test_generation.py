@@ -11,9 +11,16 @@ import logging
 import pytest
 import torch
 
-from llama_core import LlamaForCausalLM, StaticCache, decode_loop
-from llama_core.generation import GenerationOutput, generate, stream_generate
-from llama_core.sampling import LogitsSettings, min_p_filter, sample, top_k_filter, top_p_filter, warp
+from llama_core import LlamaForCausalLM, StaticCache
+from llama_core.generation import GenerationOutput, decode_loop, generate, stream_generate
+from llama_core.generation.sampling import (
+    LogitsSettings,
+    min_p_filter,
+    sample,
+    top_k_filter,
+    top_p_filter,
+    warp,
+)
 from tests.conftest import assets_dir, random_model, small_config
 
 STORIES = assets_dir() / "stories260K"

@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 import kernels.rope as rope_module
 from kernels._runtime import HAS_TRITON
 from kernels.rope import rope, rope_ref
-from llama_core.rope import ROPE_FUNCTIONS, RotaryEmbedding, apply_rope
+from llama_core.modeling.rope import ROPE_FUNCTIONS, RotaryEmbedding, apply_rope
 from tests.conftest import small_config
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -19,15 +19,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import llama_core.safetensors_io
-import llama_core.saving
+import llama_core.model_io.safetensors_writer
 from llama_core import (
     LlamaForCausalLM,
     LlamaForQuestionAnswering,
     LlamaForSequenceClassification,
     LlamaModel,
 )
-from llama_core.saving import state_dict_for_saving
+from llama_core.model_io.saving import state_dict_for_saving
 from tests.conftest import random_model, small_config
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 65, 127, 0], [3, 3, 8, 100, 2, 64, 12, 7]])
@@ -329,7 +328,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
     (ckpt / "tokenizer.json").write_text("{}")
     before = file_hashes(ckpt)
 
-    real_write = llama_core.safetensors_io.write_safetensors
+    real_write = llama_core.model_io.safetensors_writer.write_safetensors
     written = []
 
     def write_then_fail(filename, *args, **kwargs):
@@ -338,7 +337,7 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
         written.append(filename)
         return real_write(filename, *args, **kwargs)
 
-    monkeypatch.setattr(llama_core.safetensors_io, "write_safetensors", write_then_fail)
+    monkeypatch.setattr(llama_core.model_io.safetensors_writer, "write_safetensors", write_then_fail)
     with pytest.raises(OSError, match="disk full"):
         random_model(seed=1).save_pretrained(ckpt, max_shard_size="30KB")
     assert len(written) == 1 and Path(written[0]).name.startswith("model-00001-of-")  # it failed midway

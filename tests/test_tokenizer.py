@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_core import tiktoken_llama3
-from llama_core.tokenizer import Tokenizer
+from llama_core.tokenizer import Tokenizer, tiktoken_llama3
 from tests.conftest import assets_dir
 
 LLAMA2 = assets_dir() / "llama2-tokenizer" / "tokenizer.model"
@@ -103,7 +102,7 @@ def hf_raw():
     return tokenizers.Tokenizer.from_file(str(need(LLAMA3_HF / "tokenizer.json")))
 
 
-# ---- Meta's Llama 3 recipe, written out independently of llama_core.tiktoken_llama3 --------------------------
+# ---- Meta's Llama 3 recipe, written out independently of llama_core.tokenizer.tiktoken_llama3 -------------
 
 def meta_split(s: str, max_run: int):
     """Meta's `_split_whitespaces_or_nonwhitespaces`, char by char."""

@@ -1,16 +1,20 @@
 """``llama-core bench``: llama_core side by side with transformers on the same random weights, in one run.
 
-Modules, one concept each: ``timing`` (synced, interleaved timing; peak memory; copy bandwidth), ``setup``
-(settings per device; the model pair, checked equal), ``prefill``, ``decode``, ``loading`` (subprocess per
-load), ``kernels`` (op microbenchmark registry), ``environment``, ``targets``, ``report`` (JSON record,
-table, markdown), ``plot`` and ``run`` (the whole run).
+Modules, one concept each: ``timing`` (synced, interleaved timing; op timing; peak memory; copy bandwidth),
+``setup`` (settings per device; the model pair, checked equal), ``prefill``, ``decode``, ``loading``
+(subprocess per load), ``kernels`` and ``int8`` (op sweeps), ``kernel_registry`` (the sweeps a run
+includes), ``environment``, ``targets``, ``report`` (JSON record, table, markdown), ``plot`` and ``run``
+(the whole run).
+
+May import: every other package of llama_core (the model, generation, quant, kernels), transformers and
+matplotlib (the ``bench`` extra, imported where used). Only the CLI imports this package.
 
     from llama_core.bench import default_settings, run_bench, format_table
     record = run_bench(default_settings("cpu", quick=True), quick=True)
     print(format_table(record))
 """
 
-from .kernels import KERNEL_BENCHMARKS, run_kernel_benchmarks
+from .kernel_registry import KERNEL_BENCHMARKS, run_kernel_benchmarks
 from .report import format_table, load_record, render_markdown, write_record
 from .run import run_bench
 from .setup import BenchSettings, default_device, default_settings

@@ -49,7 +49,7 @@ def _version(module: str) -> str | None:
 
 
 def environment(device: str) -> dict[str, Any]:
-    from .. import __version__
+    from .._version import __version__
 
     return {
         "device": device_name(device),

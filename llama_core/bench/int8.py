@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-from .kernels import Row, time_op
-from .timing import time_call
+from .timing import Row, time_call, time_op
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def int8_decode_rows(device: str, preset: str, dtype: str = "bfloat16", new_toke
                      compile: bool = False, on_row: Callable[[Row], None] | None = None) -> list[Row]:
     """Greedy batch-1 decode tokens/s of a random ``preset`` model: full precision, then int8, then
     weight-only int8 of the same weights (each quantised from a copy of the full model)."""
-    from ..model import LlamaForCausalLM
+    from ..modeling.model import LlamaForCausalLM
     from ..quant import quantize
 
     torch.manual_seed(0)

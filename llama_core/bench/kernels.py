@@ -1,45 +1,21 @@
-"""Op microbenchmarks: each fused Triton kernel against its eager pure-PyTorch reference and
+"""RMSNorm and RoPE microbenchmarks: each fused Triton kernel against its eager pure-PyTorch reference and
 ``torch.compile`` of that reference, reported as achieved GB/s (these ops are memory-bound).
 
-``KERNEL_BENCHMARKS`` is the registry ``llama-core bench`` runs on a GPU: name -> ``fn(quick, device) ->
-rows``, each row a dict with at least ``impl``, ``mode``, ``ms`` and ``gbps``. To add an op, write its sweep
-here (or in its benchmark script, importing :func:`time_op`) and register it with one line, e.g.::
-
-    KERNEL_BENCHMARKS["int8_matmul"] = lambda quick, device: int8_matmul_rows(device, quick=quick)
-
-The scripts in ``benchmarks/`` (bench_rms_norm.py, bench_rope.py) are thin CLI wrappers over the sweeps.
+Each sweep returns rows (dicts with at least ``impl``, ``mode``, ``ms`` and ``gbps``); ``kernel_registry``
+lists the sweeps ``llama-core bench`` runs. The scripts in ``benchmarks/`` (bench_rms_norm.py, bench_rope.py)
+are thin CLI wrappers over them.
 """
 
 from __future__ import annotations
 
 import logging
-import statistics
-import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
+from .timing import Row, time_op
+
 logger = logging.getLogger(__name__)
-Row = dict[str, Any]
-KernelBenchmark = Callable[[bool, str], list[Row]]
-
-
-def time_op(fn: Callable[[], object], device: str, repeats: int = 5) -> tuple[float, float, float]:
-    """(median, p20, p80) milliseconds: ``triton.testing.do_bench`` on CUDA (L2 flushed between calls),
-    else ``repeats`` wall-clock calls after a warm-up (CPU runs are interpreter smoke tests, not speeds)."""
-    if torch.device(device).type == "cuda":
-        import triton.testing
-
-        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100))
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return statistics.median(times), q[0], q[3]
 
 
 def _gbps(nbytes: float, ms: float, p20: float, p80: float) -> Row:
@@ -105,7 +81,7 @@ def rope_rows(device: str, dtype: str = "bfloat16", tokens: Sequence[int] = (102
     frequencies) vs eager and compiled references. GB/s counts q and k read plus written per pass."""
     from kernels.rope import rope, rope_ref
 
-    from ..rope import llama3_rope
+    from ..modeling.rope import llama3_rope
 
     dt = getattr(torch, dtype)
     scaling = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -149,34 +125,3 @@ def _rope_calls(fn, q, k, pos, inv_freq, gq, gk):
         torch.autograd.grad(graph, (qg, kg), (gq, gk), retain_graph=True)
 
     return ("forward", forward, 1), ("backward", backward, 1), ("forward_backward", forward_backward, 2)
-
-
-# ------------------------------------------------------------------------------------------------ registry
-KERNEL_BENCHMARKS: dict[str, KernelBenchmark] = {
-    # quick: the 8B-shaped sizes that matter most; full: the sweeps the benchmark scripts run by default.
-    "rms_norm": lambda quick, device: rms_norm_rows(
-        device, hidden=(4096,) if quick else (1024, 2048, 4096, 8192, 16384), tokens=(16384,) if quick else (4096, 16384)),
-    "rope": lambda quick, device: rope_rows(device, tokens=(16384,) if quick else (1024, 4096, 16384)),
-    "int8_matmul": lambda quick, device: _int8_matmul_rows(quick, device),
-}
-
-
-def _int8_matmul_rows(quick: bool, device: str) -> list[Row]:
-    from .int8 import M_VALUES, int8_matmul_rows  # int8.py imports this module
-
-    return int8_matmul_rows(device, m_values=(1, 16, 512, 4096) if quick else M_VALUES)
-
-
-def run_kernel_benchmarks(device: str, quick: bool, names: Sequence[str] | None = None,
-                          progress: Callable[[str], None] | None = None) -> dict[str, list[Row]]:
-    """Run the registered op benchmarks (all, or ``names``); a failing one is logged and recorded empty."""
-    results: dict[str, list[Row]] = {}
-    for name in names or list(KERNEL_BENCHMARKS):
-        if progress is not None:
-            progress(f"kernel {name}")
-        try:
-            results[name] = KERNEL_BENCHMARKS[name](quick, device)
-        except Exception as e:  # one broken op must not lose the whole run's record
-            logger.error("kernel benchmark %s failed: %s", name, e)
-            results[name] = []
-    return results

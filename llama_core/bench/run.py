@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .decode import bench_decode
 from .environment import environment
-from .kernels import run_kernel_benchmarks
+from .kernel_registry import run_kernel_benchmarks
 from .loading import bench_load
 from .prefill import bench_prefill
 from .report import Record

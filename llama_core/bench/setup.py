@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..model import LlamaForCausalLM
+from ..modeling.model import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 

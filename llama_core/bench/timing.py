@@ -14,10 +14,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 _STATUS = Path("/proc/self/status")
+# One measurement of an op sweep: a dict with at least ``impl``, ``mode`` and ``ms`` (kernels, int8).
+Row = dict[str, Any]
 
 
 def sync(device: torch.device | str) -> None:
@@ -33,6 +36,23 @@ def time_call(fn: Callable[[], object], device: torch.device | str) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t0
+
+
+def time_op(fn: Callable[[], object], device: str, repeats: int = 5) -> tuple[float, float, float]:
+    """(median, p20, p80) milliseconds: ``triton.testing.do_bench`` on CUDA (L2 flushed between calls),
+    else ``repeats`` wall-clock calls after a warm-up (CPU runs are interpreter smoke tests, not speeds)."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100))
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return statistics.median(times), q[0], q[3]
 
 
 def quantiles(times: list[float]) -> dict[str, float]:

@@ -2,7 +2,11 @@
 
 Read in this order: ``config.py`` (every knob), ``data.py`` (packed documents), ``schedule.py``,
 ``build.py`` (model, tokenizer, optimizer, wrapping), ``distributed.py``, ``loop.py`` (the step),
-``checkpoint.py`` (exact resume, HF export), ``metrics.py`` (MFU).
+``checkpoint.py`` (exact resume, HF export), ``metrics.py`` (MFU). Training checkpoints (sharded model,
+optimizer, schedule, RNG and data position) live here; model checkpoints are ``llama_core.model_io``'s.
+
+May import: ``llama_core.modeling``, ``llama_core.model_io`` (HF export), ``llama_core.tokenizer`` and
+torch.distributed. Only the CLI imports this package.
 
     from llama_core.train import TrainConfig, train
     result = train(TrainConfig(data="corpus/", tokenizer="tok/", preset="tiny", output_dir="run/", max_steps=200))

@@ -8,8 +8,8 @@ import logging
 import torch
 from torch import nn
 
-from ..config import LlamaConfig
-from ..model import LlamaForCausalLM
+from ..modeling.config import LlamaConfig
+from ..modeling.model import LlamaForCausalLM
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .distributed import Dist, ddp_model, device_mesh, fully_shard_model, tensor_parallel

@@ -31,8 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ..config import LlamaConfig
-from ..model import LlamaForCausalLM
+from ..modeling.config import LlamaConfig
+from ..modeling.model import LlamaForCausalLM
 from .distributed import Dist
 
 logger = logging.getLogger(__name__)

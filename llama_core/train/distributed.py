@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..model import LlamaForCausalLM
+from ..modeling.model import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Writing safetensors files one tensor at a time, and atomic output directories.
+"""Writing safetensors files one tensor at a time, sharded as Hugging Face does.
 
 ``safetensors.torch.save_file`` needs every tensor of a file in memory and copies each into a bytes object
 first, so a shard costs twice its size. The format is simple (an 8-byte little-endian header length, a
@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
-import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
+from .dtypes import SAFETENSORS_DTYPES
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -106,45 +99,3 @@ def write_sharded(directory: Path, specs: dict[str, tuple[tuple[int, ...], torch
         index = {"metadata": {"total_size": sum(_nbytes(*s) for s in specs.values())}, "weight_map": weight_map}
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return names
-
-
-@contextmanager
-def atomic_directory(target: str | os.PathLike, keep: Callable[[str], bool] | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling of ``target`` to write into; on success it replaces ``target`` by renames,
-    so readers see the old directory or the new one, never a mix. Entries of an existing ``target`` for
-    which ``keep(name)`` is true are carried over (hard links where possible). On error nothing changes."""
-    target = Path(target).expanduser().absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if target.exists():
-            if not target.is_dir():
-                raise NotADirectoryError(f"{target} exists and is not a directory")
-            for item in target.iterdir():
-                if keep is not None and keep(item.name) and not (tmp / item.name).exists():
-                    _link_or_copy(item, tmp / item.name)
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, old)
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if src.is_dir():
-        shutil.copytree(src, dst, copy_function=_link_or_copy_file)
-    else:
-        _link_or_copy_file(src, dst)
-
-
-def _link_or_copy_file(src, dst) -> None:
-    try:
-        os.link(src, dst)  # instant and no extra space; the old directory is deleted afterwards
-    except OSError:
-        shutil.copy2(src, dst)

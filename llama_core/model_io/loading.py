@@ -1,7 +1,7 @@
 """from_pretrained: stream a checkpoint into a model built on the meta device.
 
-Hugging Face directories and hub ids are read here; Meta checkpoint directories and llama2.c files go
-through checkpoints_convert's readers, which yield the same HF-named tensors.
+Hugging Face directories and hub ids are read by ``hf_checkpoint``; Meta checkpoint directories and
+llama2.c files go through checkpoints_convert's readers, which yield the same HF-named tensors.
 
 Memory: the model is built on ``meta`` (no storage), safetensors are memory-mapped and each tensor is
 assigned into the model as it is (``load_state_dict(assign=True)``), so loading in the stored dtype on the
@@ -11,123 +11,24 @@ headers *before* any weight is read, so a bad checkpoint fails fast and never yi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from .config import LlamaConfig
+from ..modeling.config import LlamaConfig
+from ..quant import Int8Config, replace_linears
+from .dtypes import parse_dtype
+from .hf_checkpoint import TensorInfo, TensorStream, open_hf_checkpoint
 from .hub import resolve_checkpoint
 from .placement import device_for, resolve_device_map
-from .quant import Int8Config, replace_linears
 
 logger = logging.getLogger(__name__)
 
-SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
-BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
 # Checkpoint keys that older exports carry and that hold nothing we need (recomputed from the config).
 IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-           "float64": torch.float64, "fp64": torch.float64}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise ValueError(f"unsupported dtype {dtype}: model weights must be floating point")
-        return dtype
-    key = str(dtype).removeprefix("torch.").lower()
-    if key not in _DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(set(_DTYPES))} or a torch.dtype")
-    return _DTYPES[key]
-
-
-@dataclass
-class TensorInfo:
-    file: Path
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-# ---------------------------------------------------------------------- reading checkpoint files
-def _weight_files(directory: Path) -> tuple[str, list[Path]]:
-    """("safetensors" | "bin", files) of the checkpoint in ``directory``."""
-    for kind, index, single in (("safetensors", SAFE_INDEX, SAFE_SINGLE), ("bin", BIN_INDEX, BIN_SINGLE)):
-        if (directory / index).is_file():
-            try:
-                weight_map = json.loads((directory / index).read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{directory / index} is not a valid index (needs a 'weight_map'): {e}") from e
-            files = [directory / name for name in dict.fromkeys(weight_map.values())]
-            missing = [str(f) for f in files if not f.is_file()]
-            if missing:
-                raise FileNotFoundError(f"{directory / index} lists shards that do not exist: {', '.join(missing)}")
-            return kind, files
-        if (directory / single).is_file():
-            return kind, [directory / single]
-    raise FileNotFoundError(
-        f"no weights in {directory}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
-    )
-
-
-def _safetensors_headers(file: Path) -> dict[str, TensorInfo]:
-    try:
-        with safe_open(file, framework="pt") as f:
-            out = {}
-            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                sl = f.get_slice(name)
-                out[name] = TensorInfo(file, tuple(sl.get_shape()), _safetensors_dtype(sl.get_dtype(), file, name))
-            return out
-    except SafetensorError as e:
-        raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
-
-
-def _safetensors_dtype(name: str, file: Path, key: str) -> torch.dtype:
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-    if name not in table:
-        raise ValueError(f"{file}: tensor {key} has unsupported dtype {name}")
-    return table[name]
-
-
-def _load_bin(file: Path) -> dict[str, torch.Tensor]:
-    """A PyTorch pickle checkpoint, only ever through the weights-only unpickler."""
-    try:
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as e:
-        raise ValueError(f"{file} could not be loaded as a weights-only PyTorch checkpoint: {e}") from e
-
-
-def read_headers(kind: str, files: list[Path]) -> tuple[dict[str, TensorInfo], dict[Path, dict]]:
-    """Name -> (file, shape, dtype) for every tensor, without reading tensor data (safetensors)."""
-    infos: dict[str, TensorInfo] = {}
-    bins: dict[Path, dict] = {}
-    for file in files:
-        if kind == "safetensors":
-            found = _safetensors_headers(file)
-        else:
-            bins[file] = _load_bin(file)
-            found = {k: TensorInfo(file, tuple(t.shape), t.dtype) for k, t in bins[file].items()}
-        for name, info in found.items():
-            if name in infos:
-                raise ValueError(f"tensor {name} appears in both {infos[name].file} and {file}")
-            infos[name] = info
-    return infos, bins
 
 
 # ---------------------------------------------------------------------- matching names to the model
@@ -186,9 +87,6 @@ def _check(model: torch.nn.Module, infos: dict[str, TensorInfo], names: dict[str
 
 
 # ---------------------------------------------------------------------- any supported checkpoint
-TensorStream = Callable[[], Iterator[tuple[str, torch.Tensor]]]
-
-
 def open_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = None, cache_dir: Any = None,
                     token: Any = None) -> tuple[LlamaConfig, dict[str, TensorInfo], TensorStream]:
     """Config, tensor headers and a one-pass tensor stream for an HF directory or hub id, a Meta
@@ -196,12 +94,14 @@ def open_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = No
     converted on the fly by checkpoints_convert (HF names, rotate-half layout)."""
     path = Path(path_or_hub_id).expanduser()
     source = None
+    # The other formats' readers live in checkpoints_convert, whose converters build on this package: each
+    # is reached through a documented lazy import, made only when such a checkpoint is opened.
     if path.is_file():
-        from checkpoints_convert.llama2c import read_llama2c
+        from checkpoints_convert.llama2c import read_llama2c  # lazy import (see above)
 
         source = read_llama2c(path)
     elif path.is_dir() and not (path / "config.json").exists():
-        from checkpoints_convert.meta import is_meta_checkpoint, read_meta
+        from checkpoints_convert.meta import is_meta_checkpoint, read_meta  # lazy import (see above)
 
         if is_meta_checkpoint(path):
             source = read_meta(path)
@@ -210,20 +110,7 @@ def open_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = No
         return source.config, infos, source.stream
 
     directory = resolve_checkpoint(path_or_hub_id, revision=revision, cache_dir=cache_dir, token=token)
-    config = LlamaConfig.from_pretrained(directory)
-    kind, files = _weight_files(directory)
-    infos, bins = read_headers(kind, files)
-
-    def stream() -> Iterator[tuple[str, torch.Tensor]]:
-        for file in files:  # one shard at a time: its mapping is released before the next is opened
-            if kind == "safetensors":
-                with safe_open(file, framework="pt") as f:
-                    for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                        yield name, f.get_tensor(name)
-            else:
-                yield from bins.pop(file).items()
-
-    return config, infos, stream
+    return open_hf_checkpoint(directory)
 
 
 def _assign(model: torch.nn.Module, key: str, tensor: torch.Tensor) -> None:

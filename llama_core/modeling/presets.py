@@ -1,13 +1,12 @@
 """Named configs of known Llama releases, for random-init models in tests, benchmarks and training.
 
-The numbers are those of the released config.json files; weights are never downloaded.
+The numbers are those of the released config.json files; weights are never downloaded. Plain field dicts
+(no LlamaConfig here), so ``LlamaConfig.from_preset`` builds them without an import circle.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from .config import LlamaConfig
 
 _LLAMA2 = dict(vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0,
                bos_token_id=1, eos_token_id=2)
@@ -55,9 +54,9 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-def get_preset(name: str, **overrides: Any) -> LlamaConfig:
-    """The named config, with ``overrides`` applied (e.g. ``num_hidden_layers=2`` for a shallow copy)."""
+def preset_fields(name: str) -> dict[str, Any]:
+    """The config fields of the named preset (case-insensitive), or a ValueError listing the known names."""
     key = name.lower()
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
-    return LlamaConfig(**{**PRESETS[key], **overrides})
+    return dict(PRESETS[key])

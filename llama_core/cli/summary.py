@@ -1,18 +1,16 @@
-"""The ``llama-core`` command line."""
+"""``llama-core summary``: a model's shape and parameter count, and the time of one forward pass."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 import time
 
 import torch
 
-from . import __version__
-from .config import LlamaConfig
-from .model import LlamaForCausalLM
-from .presets import preset_names
+from .._version import __version__
+from ..modeling.config import LlamaConfig
+from ..modeling.model import LlamaForCausalLM
+from ..modeling.presets import preset_names
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -63,11 +61,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama-core", description="Llama decoder in pure PyTorch.")
-    parser.add_argument("--version", action="version", version=f"llama-core {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("summary", help="print a model's shape and time a forward pass")
     src = s.add_mutually_exclusive_group()
     src.add_argument("--preset", default="tiny", choices=preset_names(), help="random-init model of this shape")
@@ -78,31 +72,3 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_summary)
-    from checkpoints_convert.cli import add_arguments, run
-
-    from .cli_generate import add_commands
-
-    add_commands(sub)
-    from .cli_bench import add_commands as add_bench_commands
-    add_bench_commands(sub)
-    from .cli_train import add_commands as add_train_commands
-    add_train_commands(sub)
-
-    c = sub.add_parser("convert", help="convert checkpoints between Meta, llama2.c and HF formats")
-    add_arguments(c)
-    c.set_defaults(func=run)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return args.func(args)
-    except (ValueError, OSError) as e:
-        print(f"llama-core: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,7 +24,7 @@ _NEG = -1.0e9  # transformers' "impossible" score; kept finite so sums and compa
 
 
 class StepRunner(Protocol):
-    """What beam search needs from the model side (``generation._Runner``)."""
+    """What beam search needs from the model side (``decode_loop._Runner``)."""
 
     def prefill(self, ids: Tensor) -> Tensor: ...
     def step(self, tokens: Tensor) -> Tensor: ...

@@ -1,9 +1,9 @@
 """`Tokenizer`: one class over the three tokenizer files Llama models ship with.
 
 `Tokenizer.from_pretrained(dir_or_hub_id)` picks the backend from what the directory holds (see
-`tokenizer_backends.py`): an HF `tokenizer.json` first, else a `tokenizer.model` that is either a Llama 3 tiktoken
+`backends.py`): an HF `tokenizer.json` first, else a `tokenizer.model` that is either a Llama 3 tiktoken
 ranks file or a sentencepiece model. On top of any backend this class adds BOS/EOS, batching with padding, chat
-prompts (`chat.py`) and decoding through per-token bytes (`detokenize.py`), so streaming equals `decode`.
+prompts (`chat_template.py`) and decoding through per-token bytes (`detokenize.py`), so streaming equals `decode`.
 
 Conventions, the same for every backend:
 - special-token text typed by a user is ordinary text unless `allow_special=True` (chat templates set it);
@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from llama_core import chat, detokenize, tiktoken_llama3
-from llama_core.config import read_json_object
-from llama_core.detokenize import IncrementalDecoder
-from llama_core.hub import resolve_checkpoint
-from llama_core.tokenizer_backends import Backend, HFBackend, SentencePieceBackend, TiktokenBackend
+from ..model_io.hub import resolve_checkpoint
+from ..modeling.config import read_json_object
+from . import chat_template, detokenize, tiktoken_llama3
+from .backends import Backend, HFBackend, SentencePieceBackend, TiktokenBackend
+from .detokenize import IncrementalDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Tokenizer:
         config = _read_config(directory)
         jinja_file = directory / "chat_template.jinja"
         template = (jinja_file.read_text(encoding="utf-8") if jinja_file.is_file()
-                    else chat.pick_template(config.get("chat_template")))
+                    else chat_template.pick_template(config.get("chat_template")))
 
         backend: Backend
         if path.suffix == ".json":
@@ -241,7 +241,7 @@ class Tokenizer:
         message contents are encoded as ordinary text, so they cannot inject special tokens.
         """
         if self.chat_template is not None:
-            text = chat.render_template(self.chat_template, messages, add_generation_prompt,
+            text = chat_template.render_template(self.chat_template, messages, add_generation_prompt,
                                         self._template_tokens, **template_kwargs)
             return self.encode(text, add_bos=False, allow_special=True) if tokenize else text
         if template_kwargs:
@@ -249,9 +249,9 @@ class Tokenizer:
                             f"this tokenizer uses the built-in format")
         special = self.backend.special_tokens
         if all(n in special for n in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")):
-            segments = chat.llama3_segments(messages, add_generation_prompt, special)
+            segments = chat_template.llama3_segments(messages, add_generation_prompt, special)
         elif self.bos_id is not None and self.eos_id is not None:
-            segments = chat.llama2_segments(messages, self.bos_id, self.eos_id)
+            segments = chat_template.llama2_segments(messages, self.bos_id, self.eos_id)
         else:
             raise ValueError("this tokenizer has no chat template and neither Llama 3 header tokens nor BOS/EOS "
                              "for the Llama 2 format")

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from .presets import preset_names
+from ..modeling.presets import preset_names
 
 
 def _ints(text: str) -> list[int]:
@@ -20,7 +20,7 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark llama_core against transformers on the same weights",
                        description="Prefill, decode, load and kernel benchmarks of random-weight Llama-shaped "
                        "models, side by side with transformers in one run. Prints a table, writes a JSON record "
@@ -50,7 +50,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from . import bench
+    from .. import bench
 
     if args.markdown:
         sys.stdout.write(bench.render_markdown(bench.load_record(args.markdown)))
@@ -84,7 +84,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         path = bench.write_record(record, args.output)
         print(f"\nrecord: {path}")
         if not args.no_plot:
-            from .bench.plot import plot_record
+            from ..bench.plot import plot_record
 
             for png in plot_record(record, path):
                 print(f"plot:   {png}")

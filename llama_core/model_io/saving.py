@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .loading import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE
+from .atomic import atomic_directory
+from .hf_checkpoint import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE
 from .placement import parse_size
-from .safetensors_io import atomic_directory, write_sharded
+from .safetensors_writer import write_sharded
 
 logger = logging.getLogger(__name__)
 

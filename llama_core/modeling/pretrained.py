@@ -41,31 +41,31 @@ class LlamaPreTrainedModel(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> LlamaPreTrainedModel:
-        """A random-init model of a known release's shape (see llama_core.presets)."""
+        """A random-init model of a known release's shape (see llama_core.modeling.presets)."""
         return cls(LlamaConfig.from_preset(name, **overrides))
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | os.PathLike, **kwargs: Any) -> LlamaPreTrainedModel:
-        """Load a local directory or hub id; see :func:`llama_core.loading.load_pretrained` for options."""
-        from .loading import load_pretrained
+        """Load a local directory or hub id; see :func:`llama_core.model_io.loading.load_pretrained` for options."""
+        from ..model_io.loading import load_pretrained  # documented lazy import: model_io builds on modeling
 
         return load_pretrained(cls, path_or_hub_id, **kwargs)
 
     def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
         """Write config.json and safetensors weights (sharded above ``max_shard_size``), atomically."""
-        from .saving import save_pretrained
+        from ..model_io.saving import save_pretrained  # documented lazy import, as from_pretrained
 
         return save_pretrained(self, directory, max_shard_size=max_shard_size)
 
     def quantize(self, mode: Any = "int8", threshold: float | None = None, skip: Any = None) -> LlamaPreTrainedModel:
         """int8-quantise the linear layers in place (see :func:`llama_core.quant.quantize`)."""
-        from .quant import quantize
+        from ..quant import quantize
 
         return quantize(self, mode, threshold=threshold, skip=skip)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> LlamaPreTrainedModel:
         """Back to full-precision nn.Linear layers, in place (see :func:`llama_core.quant.dequantize`)."""
-        from .quant import dequantize
+        from ..quant import dequantize
 
         return dequantize(self, dtype)
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .presets import preset_fields
+
 logger = logging.getLogger(__name__)
 
 # Rope types and the scaling keys each one requires (beyond rope_type / rope_theta).
@@ -224,9 +226,8 @@ class LlamaConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> LlamaConfig:
-        from .presets import get_preset
-
-        return get_preset(name, **overrides)
+        """The named config (see ``presets``), with ``overrides`` applied (e.g. ``num_hidden_layers=2``)."""
+        return cls(**{**preset_fields(name), **overrides})
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

@@ -19,8 +19,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from llama_core import tiktoken_llama3
-from llama_core.detokenize import REPLACE_EACH_BYTE, ByteVocab, byte_level_alphabet, byte_piece_value
+from . import tiktoken_llama3
+from .detokenize import REPLACE_EACH_BYTE, ByteVocab, byte_level_alphabet, byte_piece_value
 
 _SPACE_MARK = "▁"  # sentencepiece's stand-in for a space
 # Stop tokens of the Llama 3 chat models besides EOS: end of turn, end of message (before a tool call).

@@ -11,9 +11,9 @@ import json
 import logging
 import os
 
-from .presets import preset_names
-from .train.config import TrainConfig
-from .train.distributed import PARALLEL_MODES
+from ..modeling.presets import preset_names
+from ..train.config import TrainConfig
+from ..train.distributed import PARALLEL_MODES
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -81,7 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .train import train
+    from ..train import train
 
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     fields["config_overrides"] = dict(args.config_overrides)
@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="pretrain or fine-tune on text files (single device or torchrun)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(t)

@@ -141,7 +141,9 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
 
     def generate(self, input_ids: Tensor, **kwargs: Any) -> Any:
         """Continue ``input_ids``; see :func:`llama_core.generation.generate` for the options."""
-        from .generation import generate
+        # Documented lazy import: generation sits above the model (its decode loop drives one), so the
+        # HF-style method reaches up into it only when called.
+        from ..generation import generate
 
         return generate(self, input_ids, **kwargs)
 

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import DynamicCache, StaticCache
+from ..modeling.cache import DynamicCache, StaticCache
 from .sampling import process_logits, sample, seen_tokens
 
 if TYPE_CHECKING:
-    from .generation import Tokenizer, _Plan
+    from .plan import Plan, Tokenizer
 
 # torch.compile options for the one-token decode step; the prefill always runs eagerly (its shape varies).
 COMPILE_OPTIONS: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": True}
@@ -64,7 +64,7 @@ class _Runner:
     to the model keeps its shape (the mask is preallocated with the new columns already 1; positions and
     the cache index are device tensors), which is what a compiled, CUDA-graphed step needs."""
 
-    def __init__(self, model: torch.nn.Module, plan: _Plan):
+    def __init__(self, model: torch.nn.Module, plan: Plan):
         self.model = model
         rows, prompt = plan.ids.shape
         self.device = plan.ids.device
@@ -120,7 +120,7 @@ class _TokenLoop:
     """Greedy or sampled decoding of all rows at once. ``steps()`` yields each step's tokens ``[rows]`` (on
     the device); ``result()`` returns the sequences and logprobs cropped to the steps actually needed."""
 
-    def __init__(self, model: torch.nn.Module, plan: _Plan, check_every: int):
+    def __init__(self, model: torch.nn.Module, plan: Plan, check_every: int):
         self.plan, self.check_every = plan, check_every
         self.runner = _Runner(model, plan)
         rows, self.prompt = plan.ids.shape

@@ -1,0 +1,60 @@
+"""``llama-core generate``: a prompt in, the completion streamed to stdout, prompt and decode speed to stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from ..generation import generate
+from .generation_options import add_generation_arguments, check_sampling, load_model_and_tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    check_sampling(args)
+    model, tok = load_model_and_tokenizer(args)
+    if args.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        ids = tok.encode(args.prompt, add_bos=True)
+    prompt = torch.tensor([ids], device=model.device)
+    decoder = tok.incremental_decoder(skip_special_tokens=True)
+    stops = set(tok.stop_ids) | set(model.config.eos_token_ids)
+    times: list[float] = []
+
+    def on_step(new_ids: list[int]) -> None:  # one id per step (a single row)
+        times.append(time.perf_counter())
+        if new_ids[0] not in stops:
+            sys.stdout.write(decoder.add(new_ids))
+            sys.stdout.flush()
+
+    start = time.perf_counter()
+    generate(model, prompt, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+             temperature=args.temperature or 1.0, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+             eos_token_id=sorted(stops), streamer=on_step)
+    sys.stdout.write(decoder.flush() + "\n")
+    sys.stdout.flush()
+    _report(len(ids), start, times)
+    return 0
+
+
+def _report(prompt_tokens: int, start: float, times: list[float]) -> None:
+    """Prompt speed from the time to the first token (prefill + one sampling); decode from the rest."""
+    if not times:
+        return
+    first = times[0] - start
+    line = f"prompt: {prompt_tokens} tokens, first token after {first:.3f} s ({prompt_tokens / first:,.1f} tokens/s)"
+    if len(times) > 1:
+        decode = times[-1] - times[0]
+        line += f"; decode: {len(times) - 1} tokens in {decode:.3f} s ({(len(times) - 1) / decode:,.1f} tokens/s)"
+    sys.stderr.write(line + "\n")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="stream a completion of a prompt")
+    add_generation_arguments(g)
+    g.add_argument("--prompt", required=True, help="the text to continue ('' starts from BOS)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    g.set_defaults(func=cmd_generate)

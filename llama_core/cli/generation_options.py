@@ -1,0 +1,45 @@
+"""What ``llama-core generate`` and ``llama-core chat`` share: the options naming the model, how to sample and
+where to run, their checks, and loading the model and tokenizer they name."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..modeling.model import LlamaForCausalLM
+from ..tokenizer import Tokenizer
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory, hub id, Meta directory or llama2.c .bin")
+    p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quantize", choices=["int8", "int8-weight-only"],
+                   help="quantise the linear layers while loading (see llama_core.quant)")
+
+
+def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[LlamaForCausalLM, Tokenizer]:
+    tokenizer_source = args.tokenizer or args.model
+    if args.tokenizer is None and Path(args.model).is_file():
+        raise ValueError(f"{args.model} is a single weights file; pass --tokenizer (e.g. a sentencepiece .model)")
+    tokenizer = Tokenizer.from_pretrained(tokenizer_source)
+    model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)
+    return model, tokenizer
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    # Checked before the (possibly long) model load, so a typo costs nothing.
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0 or args.max_new_tokens < 0:
+        raise ValueError("--top-k and --max-new-tokens must be >= 0")

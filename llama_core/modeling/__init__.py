@@ -1,0 +1,39 @@
+"""The network: everything a research fork reads to understand (and change) the Llama decoder.
+
+Read in this order: ``config`` (hyper-parameters, HF field names) and ``presets`` (known shapes), ``rope``
+(rotary embeddings, one pure function per scaling type), ``layers`` (RMSNorm, SwiGLU MLP, decoder layer),
+``attention`` (grouped-query attention and its masks), ``cache`` (dynamic and static KV caches), ``model``
+(LlamaModel, LlamaForCausalLM), ``heads`` (classification, question answering), ``pretrained`` (what every
+public model shares: construction, init, counts, the from_pretrained/save_pretrained face) and ``outputs``.
+
+May import: torch and ``kernels`` (the fused ops, chosen at the op boundary), ``llama_core.quant`` (below
+this package). Nothing else of llama_core, except two documented lazy imports upward, made only when
+called: ``pretrained`` -> ``llama_core.model_io`` (from_pretrained / save_pretrained) and ``model`` ->
+``llama_core.generation`` (``LlamaForCausalLM.generate``).
+"""
+
+from .cache import Cache, DynamicCache, StaticCache
+from .config import LlamaConfig
+from .heads import LlamaForQuestionAnswering, LlamaForSequenceClassification
+from .model import LlamaForCausalLM, LlamaModel
+from .outputs import BaseModelOutput, CausalLMOutput, QuestionAnsweringOutput, SequenceClassifierOutput
+from .presets import PRESETS, preset_names
+from .pretrained import LlamaPreTrainedModel
+
+__all__ = [
+    "PRESETS",
+    "BaseModelOutput",
+    "Cache",
+    "CausalLMOutput",
+    "DynamicCache",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "LlamaForQuestionAnswering",
+    "LlamaForSequenceClassification",
+    "LlamaModel",
+    "LlamaPreTrainedModel",
+    "QuestionAnsweringOutput",
+    "SequenceClassifierOutput",
+    "StaticCache",
+    "preset_names",
+]
