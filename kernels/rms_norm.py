@@ -4,7 +4,7 @@ Public surface:
     rms_norm_ref(x, weight, eps, residual=None)   the pure-PyTorch reference (HF/Meta numerics)
     rms_norm(x, weight, eps, residual=None)       the op: Triton where ``triton_runs_on(x)``, else the reference
 
-Numerics follow ``llama_core.layers.RMSNorm`` exactly: the mean of squares is reduced in fp32, x * rstd is
+Numerics follow ``llama_core.modeling.layers.RMSNorm`` exactly: the mean of squares is reduced in fp32, x * rstd is
 cast back to the input dtype, and only then multiplied by the weight (output dtype = torch promotion of
 weight and x). With ``residual`` the sum ``x + residual`` is taken first in x's dtype and returned as the
 new residual stream, as in Liger-Kernel / vLLM's fused add-norm.

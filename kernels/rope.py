@@ -4,7 +4,7 @@
 head_dim]`` and ``k [batch, seq, n_kv_heads, head_dim]`` (any GQA ratio) by the angles
 ``position_ids [batch, seq] * inv_freq`` (``[head_dim // 2]``, or ``[batch, head_dim // 2]`` for dynamic
 NTK). The angles are computed inside the kernel in fp32 and cos/sin multiplied by ``attention_scaling``
-(YaRN's mscale), so every rope type of ``llama_core.rope`` works from its ``inv_freq`` alone: no cos/sin
+(YaRN's mscale), so every rope type of ``llama_core.modeling.rope`` works from its ``inv_freq`` alone: no cos/sin
 table is read from memory. The math is fp32 with one rounding to the input dtype at the end.
 
 Layout: rotate-half (HF) by default, ``out[:d/2] = x1 cos - x2 sin, out[d/2:] = x2 cos + x1 sin``;

@@ -17,6 +17,9 @@ and ``<name>.weight_scale`` as F32 ``[N]`` (``weight ~= weight_int8 * weight_sca
 else (embeddings, norms, skipped linears such as ``lm_head``, biases) in the model's dtype. config.json
 gets ``"quantization_config": {"quant_method": "llama_core_int8", "mode", "threshold", "skip"}``;
 transformers cannot load this layout (``dequantize`` + ``save_pretrained`` gives one it can).
+
+May import: torch and, lazily, the int8 ops of ``kernels``; nothing else of llama_core (it works on any
+module's nn.Linear layers, so ``modeling`` and ``model_io`` build on it).
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ reads its stopping condition every step, as transformers does.
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,8 +28,6 @@ from ..modeling.cache import StaticCache
 from .beam_search import beam_search
 from .decode_loop import _IncrementalText, _Runner, _TokenLoop
 from .plan import STREAMING, Plan, Tokenizer, prepare
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -25,7 +25,6 @@ class Tokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
 
 
-
 STREAMING = object()  # marks a stream_generate call in the options (a streamer that is not a callable)
 
 
