@@ -12,9 +12,10 @@ Modules: ``source`` (a checkpoint as config + tensor specs + a one-pass stream),
 (``meta``, ``llama2c``, ``hf``; ``permute`` holds Meta's interleaved <-> HF rotate-half q/k layout),
 ``convert`` (the four conversions) and ``cli``.
 
-May import: ``llama_core.modeling.config`` and ``llama_core.model_io``'s lower modules (hub, dtypes,
-placement, atomic, safetensors_writer, hf_checkpoint), never ``llama_core.model_io.loading``: the loader
-reaches the readers here through a documented lazy import, so this package sits between the two.
+May import: ``llama_core.modeling.config``, ``llama_core.tokenizer`` (a model's vocabulary, for formats that
+carry it) and ``llama_core.model_io``'s lower modules (hub, dtypes, placement, atomic, safetensors_writer,
+hf_checkpoint), never ``llama_core.model_io.loading``: the loader reaches the readers here through a
+documented lazy import, so this package sits above model_io's readers and below its loader.
 """
 
 from .convert import hf_to_meta, llama2c_to_hf, meta_to_hf, reshard

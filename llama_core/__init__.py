@@ -9,8 +9,8 @@ This module is the public face; the code lives in one sub-package per concern, l
   ``train/``       the training loop (single device, FSDP2, DDP, tensor parallel) and its checkpoints
   ``bench/``       ``llama-core bench``: side by side with transformers
   ``cli/``         the ``llama-core`` command line
-A package imports only those above it in this list (``checkpoints_convert`` sits between ``model_io`` and
-``tokenizer``); the few exceptions are lazy imports documented where they are made and listed in
+A package imports only those above it in this list (``checkpoints_convert`` sits between ``tokenizer`` and
+``generation``); the few exceptions are lazy imports documented where they are made and listed in
 tests/test_import_layers.py, which fails on any import circle or undocumented upward import.
 """
 

@@ -32,8 +32,9 @@ LAYERS = (
     "llama_core.quant",  # int8 linear layers (on kernels)
     "llama_core.modeling",  # the network
     "llama_core.model_io",  # reading and writing model checkpoints
-    "checkpoints_convert",  # Meta / llama2.c / HF formats, built on model_io's readers and writers
     "llama_core.tokenizer",
+    "checkpoints_convert",  # Meta / llama2.c / HF formats, built on model_io's readers and writers (and on
+    # the tokenizer, so that conversions can carry a model's vocabulary between formats)
     "llama_core.generation",
     "llama_core.train",
     "llama_core.bench",
