@@ -1,0 +1,83 @@
+"""A GGUF file (llama.cpp's format), opened with llama.cpp's own reader: metadata as Python values, and
+each tensor's type, shape and memory-mapped raw data.
+
+The container is parsed by the ``gguf`` package (kept in step with the format by llama.cpp), an optional
+dependency (the ``gguf`` extra) imported only when a GGUF file is opened. What it raises on a damaged file
+is turned into a ValueError naming the file; nothing in a GGUF is ever executed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+GGUF_SUFFIX = ".gguf"
+_MISSING = object()
+
+
+def import_gguf() -> Any:
+    """The ``gguf`` package, or an ImportError saying how to install it."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError("reading or writing GGUF files needs the gguf package (llama.cpp's reader and writer): "
+                          "pip install 'llama-core[gguf]'") from e
+    return gguf
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    name: str
+    ggml_type: Any  # gguf.GGMLQuantizationType (an IntEnum: .name is "Q4_1", "F32", ...)
+    shape: tuple[int, ...]  # PyTorch order, outermost first (GGUF lists dimensions innermost first)
+    data: Any  # numpy memmap: typed elements for F32/F16, the raw bytes of the blocks for everything else
+
+
+class GGUFFile:
+    """An open GGUF file. ``get(key)`` reads metadata; ``tensors`` lists the tensors in file order."""
+
+    def __init__(self, path: str | os.PathLike):
+        gguf = import_gguf()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no such GGUF file: {self.path}")
+        with open(self.path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ValueError(f"{self.path} is not a GGUF file: it starts with {magic!r}, not the magic b'GGUF'")
+        try:
+            self._reader = gguf.GGUFReader(self.path)
+        except Exception as e:  # numpy and struct errors of a damaged header or a file cut short
+            if "version" in str(e):
+                raise ValueError(f"{self.path}: unsupported GGUF version ({e})") from e
+            raise ValueError(f"{self.path} is not a readable GGUF file (truncated or corrupt?): {e}") from e
+        self.tensors = [GGUFTensor(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())), t.data)
+                        for t in self._reader.tensors]
+        for t in self._reader.tensors:
+            expected = t.n_bytes if t.data.dtype.itemsize == 1 else t.n_elements
+            if t.data.size != expected:
+                raise ValueError(f"{self.path} is truncated: tensor {t.name} needs {t.n_bytes} bytes at offset "
+                                 f"{t.data_offset}, the file has {self.path.stat().st_size} bytes in all")
+
+    def keys(self) -> list[str]:
+        return [k for k in self._reader.fields if not k.startswith("GGUF.")]
+
+    def get(self, key: str, default: Any = _MISSING) -> Any:
+        """The value of metadata ``key`` (str, int, float, bool, or a list of them); a ValueError naming the
+        file and the key when it is missing and no default is given."""
+        field = self._reader.get_field(key)
+        if field is None:
+            if default is _MISSING:
+                raise ValueError(f"{self.path}: metadata key {key!r} is missing")
+            return default
+        try:
+            return field.contents()
+        except (UnicodeDecodeError, IndexError, ValueError) as e:
+            raise ValueError(f"{self.path}: metadata key {key!r} cannot be read: {e}") from e
+
+    def close(self) -> None:
+        """Drop the memory map (tensors handed out keep their own reference to it while alive)."""
+        self.tensors = []
+        self._reader = None
