@@ -55,6 +55,8 @@ DOCUMENTED_LAZY_IMPORTS = {
         "from_pretrained reads llama2.c files through the converter's reader",
     ("llama_core.model_io.loading", "checkpoints_convert.meta"):
         "from_pretrained reads Meta checkpoints through the converter's reader",
+    ("llama_core.model_io.loading", "checkpoints_convert.gguf"):
+        "from_pretrained reads GGUF files through the converter's reader",
 }
 
 

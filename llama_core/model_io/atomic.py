@@ -1,7 +1,7 @@
-"""Atomic output directories: a writer fills a temporary sibling, which replaces the target by renames.
+"""Atomic outputs: a writer fills a temporary sibling, which replaces the target by renames.
 
 Used by ``save_pretrained`` and by every conversion in checkpoints_convert, so a crash or an error leaves
-either the old directory or the new one, never a mix.
+either the old directory (or file) or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -39,6 +39,25 @@ def atomic_directory(target: str | os.PathLike, keep: Callable[[str], bool] | No
             os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path of the file ``target`` to write; on success it replaces ``target`` in
+    one rename (after an fsync), on error it is removed and ``target`` is untouched."""
+    target = Path(target).expanduser().absolute()
+    if target.is_dir():
+        raise IsADirectoryError(f"{target} is a directory; expected a file path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

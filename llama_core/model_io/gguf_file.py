@@ -17,6 +17,36 @@ GGUF_SUFFIX = ".gguf"
 _MISSING = object()
 
 
+def find_gguf(path_or_hub_id: str | os.PathLike, gguf_file: str | None = None, revision: str | None = None,
+              cache_dir: Any = None, token: Any = None) -> Path | None:
+    """The GGUF file meant by a from_pretrained argument, or None when it names no GGUF: a ``.gguf`` file, a
+    directory holding exactly one ``.gguf`` and no config.json, or ``gguf_file`` inside a directory or hub
+    repository (transformers' spelling; only that file is downloaded)."""
+    path = Path(path_or_hub_id).expanduser()
+    if gguf_file is not None:
+        if path.is_dir():
+            if not (path / gguf_file).is_file():
+                raise FileNotFoundError(f"no GGUF file {gguf_file!r} in {path}")
+            return path / gguf_file
+        if path.exists():
+            raise ValueError(f"gguf_file={gguf_file!r} names a file inside a directory, but {path} is a file")
+        from .hub import resolve_checkpoint
+
+        return resolve_checkpoint(path_or_hub_id, revision, cache_dir, token, allow_patterns=[gguf_file],
+                                  what="GGUF file") / gguf_file
+    if path.is_file():
+        with open(path, "rb") as f:
+            is_gguf = f.read(4) == b"GGUF"
+        return path if is_gguf or path.suffix == GGUF_SUFFIX else None
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+        if len(found) > 1:
+            raise ValueError(f"{path} holds several GGUF files ({', '.join(f.name for f in found)}); "
+                             "pick one with gguf_file=")
+        return found[0] if found else None
+    return None
+
+
 def import_gguf() -> Any:
     """The ``gguf`` package, or an ImportError saying how to install it."""
     try:
@@ -33,6 +63,8 @@ class GGUFTensor:
     ggml_type: Any  # gguf.GGMLQuantizationType (an IntEnum: .name is "Q4_1", "F32", ...)
     shape: tuple[int, ...]  # PyTorch order, outermost first (GGUF lists dimensions innermost first)
     data: Any  # numpy memmap: typed elements for F32/F16, the raw bytes of the blocks for everything else
+    offset: int  # of the data in the file
+    nbytes: int
 
 
 class GGUFFile:
@@ -53,8 +85,8 @@ class GGUFFile:
             if "version" in str(e):
                 raise ValueError(f"{self.path}: unsupported GGUF version ({e})") from e
             raise ValueError(f"{self.path} is not a readable GGUF file (truncated or corrupt?): {e}") from e
-        self.tensors = [GGUFTensor(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())), t.data)
-                        for t in self._reader.tensors]
+        self.tensors = [GGUFTensor(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())), t.data,
+                                   t.data_offset, t.n_bytes) for t in self._reader.tensors]
         for t in self._reader.tensors:
             expected = t.n_bytes if t.data.dtype.itemsize == 1 else t.n_elements
             if t.data.size != expected:
@@ -76,6 +108,19 @@ class GGUFFile:
             return field.contents()
         except (UnicodeDecodeError, IndexError, ValueError) as e:
             raise ValueError(f"{self.path}: metadata key {key!r} cannot be read: {e}") from e
+
+    def read(self, tensor: GGUFTensor) -> Any:
+        """A tensor's data as ``tensor.data`` holds it, but read into memory of its own instead of paged in
+        through the memory map: the loader streams a file much larger than any one tensor, and mapped pages
+        it touched would stay resident (and counted) until the whole file is unmapped."""
+        import numpy as np
+
+        raw = np.empty(tensor.nbytes, dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(tensor.offset)
+            if f.readinto(memoryview(raw)) != tensor.nbytes:
+                raise ValueError(f"{self.path} is truncated inside tensor {tensor.name}")
+        return raw.view(tensor.data.dtype).reshape(tensor.data.shape)
 
     def close(self) -> None:
         """Drop the memory map (tensors handed out keep their own reference to it while alive)."""

@@ -21,6 +21,7 @@ import torch
 from ..modeling.config import LlamaConfig
 from ..quant import Int8Config, replace_linears
 from .dtypes import parse_dtype
+from .gguf_file import find_gguf
 from .hf_checkpoint import TensorInfo, TensorStream, open_hf_checkpoint
 from .hub import resolve_checkpoint
 from .placement import device_for, resolve_device_map
@@ -88,15 +89,22 @@ def _check(model: torch.nn.Module, infos: dict[str, TensorInfo], names: dict[str
 
 # ---------------------------------------------------------------------- any supported checkpoint
 def open_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = None, cache_dir: Any = None,
-                    token: Any = None) -> tuple[LlamaConfig, dict[str, TensorInfo], TensorStream]:
-    """Config, tensor headers and a one-pass tensor stream for an HF directory or hub id, a Meta
-    checkpoint directory (params.json + consolidated.*.pth) or a llama2.c ``.bin`` file; the last two are
+                    token: Any = None, gguf_file: str | None = None
+                    ) -> tuple[LlamaConfig, dict[str, TensorInfo], TensorStream]:
+    """Config, tensor headers and a one-pass tensor stream for an HF directory or hub id, a GGUF file
+    (``find_gguf``: a ``.gguf``, a directory holding one, or ``gguf_file`` in a directory or hub repo), a Meta
+    checkpoint directory (params.json + consolidated.*.pth) or a llama2.c ``.bin`` file; the last three are
     converted on the fly by checkpoints_convert (HF names, rotate-half layout)."""
     path = Path(path_or_hub_id).expanduser()
     source = None
+    gguf = find_gguf(path_or_hub_id, gguf_file, revision, cache_dir, token)
     # The other formats' readers live in checkpoints_convert, whose converters build on this package: each
     # is reached through a documented lazy import, made only when such a checkpoint is opened.
-    if path.is_file():
+    if gguf is not None:
+        from checkpoints_convert.gguf import read_gguf  # lazy import (see above)
+
+        path, source = gguf, read_gguf(gguf)
+    elif path.is_file():
         from checkpoints_convert.llama2c import read_llama2c  # lazy import (see above)
 
         source = read_llama2c(path)
@@ -129,8 +137,10 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
                     attn_implementation: str | None = None, device_map: str | dict | None = None,
                     max_memory: dict | None = None, revision: str | None = None, cache_dir: Any = None,
                     token: Any = None, config: LlamaConfig | None = None, torch_dtype: Any = None,
-                    quantize: Any = None, load_in_8bit: bool = False, **config_overrides: Any):
-    """Build ``cls`` from a checkpoint directory or hub id.
+                    quantize: Any = None, load_in_8bit: bool = False, gguf_file: str | None = None,
+                    **config_overrides: Any):
+    """Build ``cls`` from a checkpoint directory or hub id, a GGUF file (or ``gguf_file`` inside a directory
+    or hub repository), a Meta checkpoint directory or a llama2.c ``.bin`` file.
 
     ``dtype``: None keeps torch's default float dtype (fp32), "auto" follows config.json, then the stored
     dtype; or a torch.dtype / name. ``torch_dtype`` is accepted as an alias. ``device_map`` ("auto" or a
@@ -146,7 +156,7 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
         if dtype is not None:
             raise ValueError("pass dtype or its alias torch_dtype, not both")
         dtype = torch_dtype
-    found_config, infos, stream = open_checkpoint(path_or_hub_id, revision, cache_dir, token)
+    found_config, infos, stream = open_checkpoint(path_or_hub_id, revision, cache_dir, token, gguf_file)
     config = config or found_config
     if config_overrides:
         config = config.replace(**config_overrides)
