@@ -1,0 +1,205 @@
+"""GGML tensor types to torch and back: ``dequantize`` turns a GGUF tensor's raw data into a torch tensor,
+``quantize`` turns a torch tensor into what ``gguf.GGUFWriter.add_tensor`` takes.
+
+GGML stores a row of ``ne0`` elements as consecutive blocks (llama.cpp's ``ggml-common.h``): a block of 32
+(the legacy Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or a 256-element super-block (the K-quants Q2_K..Q6_K) holds fp16
+scales (and minima) and packed 2..8-bit integers; ``x = d * q`` or ``d * q + m``, with K-quants scaling
+16- or 32-element groups by small integer scales times the fp16 super-scale. A row never splits a block.
+The layouts and the arithmetic per type are in ``gguf_kquants``.
+
+Two implementations are kept for each type: gguf's numpy one (``gguf.quants``, llama.cpp's own Python
+reference, an optional dependency imported only when called) and a vectorised torch one written here. The
+torch one does the same float32 operations in the same order, so the two agree bit for bit, but it runs its
+elementwise passes on all of torch's threads over cache-sized chunks where gguf's numpy runs on one thread
+and gathers the whole fp32 output in a list before concatenating it (two fp32 copies at once). ``impl="auto"``
+takes whichever measured faster (``benchmarks/bench_gguf_dequant.py``; ratios are in ``_DEQUANT``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from llama_core.model_io.gguf_file import import_gguf
+
+from . import gguf_kquants as K
+
+Impl = Literal["auto", "torch", "numpy"]
+CHUNK_ELEMENTS = 1 << 18  # output elements per chunk (1 MiB of fp32): the temporaries stay in cache
+
+
+def _f32(b: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(b.view(torch.float32))
+
+
+def _f16(b: torch.Tensor, out: torch.Tensor) -> None:
+    # torch quiets signalling NaNs when widening fp16, numpy keeps them: hand any NaNs to numpy (see _fix_nans)
+    out.copy_(b.view(torch.float16))
+    _fix_nans(out, b, np.float16)
+
+
+def _bf16(b: torch.Tensor, out: torch.Tensor) -> None:
+    out.copy_(b.view(torch.bfloat16))  # exact: the 16 bits become the top half (NaN payloads kept, as gguf)
+
+
+def _fix_nans(out: torch.Tensor, b: torch.Tensor, np_dtype: Any) -> None:
+    """Recompute NaN outputs (a corrupt or exotic tensor; never real weights) with numpy's own conversion,
+    so that even NaN payloads match gguf's numpy path."""
+    if not out.amax().isnan():  # amax propagates NaN, and is ~15x faster here than isnan().any()
+        return
+    nan = out.isnan()
+    if nan.any():
+        src = b.view(-1).numpy().view(np_dtype).reshape(out.shape)
+        out[nan] = torch.from_numpy(src[nan.numpy()].astype(np.float32))
+
+
+# type name -> (torch block function, the implementation "auto" uses). The ratio is torch's output MB/s over
+# numpy's, median over interleaved repeats of a 4096 x 4096 weight, 2 torch threads, AMD EPYC (bench record
+# benchmarks/results/gguf-dequant-amd-epyc.json).
+_DEQUANT: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], None], str]] = {
+    "F32": (_f32, "torch"),
+    "F16": (_f16, "torch"),
+    "BF16": (_bf16, "torch"),
+    "Q8_0": (K.q8_0, "torch"),
+    "Q4_0": (K.q4_0, "torch"),
+    "Q4_1": (K.q4_1, "torch"),
+    "Q5_0": (K.q5_0, "torch"),
+    "Q5_1": (K.q5_1, "torch"),
+    "Q2_K": (K.q2_k, "torch"),
+    "Q3_K": (K.q3_k, "torch"),
+    "Q4_K": (K.q4_k, "torch"),
+    "Q5_K": (K.q5_k, "torch"),
+    "Q6_K": (K.q6_k, "torch"),
+}
+_QUANTIZE = ("F32", "F16", "BF16", "Q8_0")
+
+
+def _qtype(ggml_type: Any, supported: tuple[str, ...] | dict, what: str) -> Any:
+    gguf = import_gguf()
+    types = gguf.GGMLQuantizationType
+    try:  # the enum, its int value, or its name
+        qtype = types[ggml_type] if isinstance(ggml_type, str) else types(ggml_type)
+    except (KeyError, ValueError):
+        qtype = None
+    if qtype is None or qtype.name not in supported:
+        name = qtype.name if qtype is not None else repr(ggml_type)
+        raise ValueError(f"cannot {what} GGML type {name}: supported types are {', '.join(supported)}")
+    return qtype
+
+
+def dequantize(data: np.ndarray, ggml_type: Any, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+               impl: Impl = "auto") -> torch.Tensor:
+    """The tensor of ``shape`` (PyTorch order) and ``dtype`` held by ``data``, the raw data of a GGUF tensor of
+    type ``ggml_type`` (a ``gguf.GGMLQuantizationType`` or its int): typed or uint8, any shape with the right
+    number of bytes, e.g. ``GGUFTensor.data``.
+
+    The values equal ``gguf.quants.dequantize(data, ggml_type)`` bit for bit in float32 (NaN payloads
+    included), cast to ``dtype`` at the end. The result owns its memory (F32 is copied too), so the memory
+    map can be dropped. Work goes in chunks of ``CHUNK_ELEMENTS``: beyond the output, memory peaks at a
+    chunk's temporaries. ``impl`` picks gguf's numpy code or the torch one ("auto": the faster here).
+    A ValueError for an unsupported type, a size mismatch or a row length that is not whole blocks.
+    """
+    qtype = _qtype(ggml_type, _DEQUANT, "dequantize")
+    block_fn, auto = _DEQUANT[qtype.name]
+    impl = auto if impl == "auto" else impl
+    if impl not in ("torch", "numpy"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'numpy', not {impl!r}")
+    block_size, type_size = import_gguf().GGML_QUANT_SIZES[qtype]
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    if shape and shape[-1] % block_size:
+        raise ValueError(f"a {qtype.name} row holds whole blocks of {block_size} elements: shape {shape} does not")
+    raw = np.asarray(data).reshape(-1).view(np.uint8)  # a view for a (contiguous) memory map
+    n_blocks = numel // block_size
+    if raw.size != n_blocks * type_size:
+        raise ValueError(f"{qtype.name} data of shape {shape} takes {n_blocks * type_size} bytes, "
+                         f"got {raw.size} (array shape {np.shape(data)}, {np.asarray(data).dtype})")
+
+    out = torch.empty(numel, dtype=dtype)
+    # chunks of whole rows where a row fits (numpy's grouping works on rows), else of blocks (a huge 1-D tensor)
+    row = shape[-1] // block_size if shape else 1
+    budget = max(1, CHUNK_ELEMENTS // block_size)
+    chunk = budget // row * row if row <= budget else budget
+    staging = torch.empty(min(chunk, n_blocks) * type_size, dtype=torch.uint8)  # reused for every chunk
+    scratch = None if dtype == torch.float32 else torch.empty(min(chunk, n_blocks) * block_size)
+    for start in range(0, n_blocks, chunk):
+        n = min(chunk, n_blocks - start)
+        dest = out[start * block_size:(start + n) * block_size]
+        f32 = dest if scratch is None else scratch[:n * block_size]
+        src = raw[start * type_size:(start + n) * type_size]
+        if impl == "torch":
+            # copy the bytes out of the (read-only) map into an owned buffer: torch cannot wrap a read-only
+            # array without a warning, and the copy is a fraction of the output's size
+            b = staging[:n * type_size]
+            b.numpy()[:] = src
+            block_fn(b.view(n, type_size), f32.view(n, block_size))
+        else:
+            rows = src.reshape(-1, row * type_size) if n % row == 0 else src.reshape(n, type_size)
+            f32.numpy()[:] = import_gguf().quants.dequantize(rows, qtype).reshape(-1)
+        if scratch is not None:
+            dest.copy_(f32)
+    return out.view(shape)
+
+
+def quantize(tensor: torch.Tensor, ggml_type: Any) -> np.ndarray:
+    """``tensor`` as GGML type F32, F16, BF16 or Q8_0: exactly ``gguf.quants.quantize(tensor.float().numpy(),
+    ggml_type)`` (bit for bit, NaNs included), ready for ``GGUFWriter.add_tensor(name, array,
+    raw_dtype=ggml_type)``: float32/float16 arrays of the tensor's shape, or for BF16 and Q8_0 uint8 bytes of
+    shape ``(*shape[:-1], bytes per row)``. F32 of a float32 CPU tensor shares its memory, as gguf's does.
+
+    Q8_0 rounds as llama.cpp's ``quantize_row_q8_0_ref``: d = max|x| / 127 per block of 32, q = round(x / d)
+    half away from zero (computed as x * (1/d)), d stored as fp16; rows must be whole blocks.
+    """
+    qtype = _qtype(ggml_type, _QUANTIZE, "quantize")
+    x = tensor.detach().cpu().float().contiguous()
+    if qtype.name == "F32":
+        return x.numpy()
+    if qtype.name == "F16":
+        h = x.half()  # round to nearest even, as numpy; NaN payloads go through numpy (torch quiets them)
+        nan = x.isnan()
+        if nan.any():
+            h[nan] = torch.from_numpy(x[nan].numpy().astype(np.float16))
+        return h.numpy()
+    if x.ndim == 0 or (qtype.name == "Q8_0" and x.shape[-1] % 32):
+        raise ValueError(f"cannot quantize a tensor of shape {tuple(x.shape)} to {qtype.name}: "
+                         f"{'rows must be whole blocks of 32' if x.ndim else 'it is a scalar'}")
+    byte_shape = (*x.shape[:-1], x.shape[-1] * 2 if qtype.name == "BF16" else x.shape[-1] // 32 * 34)
+    flat = x.view(-1)
+    out = np.empty(byte_shape, dtype=np.uint8)
+    dest = torch.from_numpy(out.reshape(-1))
+    step = CHUNK_ELEMENTS  # a multiple of 32: chunks are whole blocks
+    for start in range(0, flat.numel(), step):
+        part = flat[start:start + step]
+        if qtype.name == "BF16":
+            dest[start * 2:(start + part.numel()) * 2] = _bf16_bits(part).view(torch.uint8)
+        else:
+            dest[start // 32 * 34:(start + part.numel()) // 32 * 34] = _q8_0_blocks(part.view(-1, 32)).view(-1)
+    return out
+
+
+def _bf16_bits(x: torch.Tensor) -> torch.Tensor:
+    """gguf's (and ggml's ``ggml_compute_fp32_to_bf16``) rounding: NaNs keep sign and top payload bits and are
+    made quiet; everything else rounds to nearest even on the bits. torch's own ``.bfloat16()`` turns every
+    NaN into one canonical NaN, hence the bit arithmetic. int32 cannot overflow here: a NaN's low half is
+    cleared before the bias (<= 0x8000) is added, and the largest other magnitude is inf (0x7f800000)."""
+    n = x.view(torch.int32)
+    nan = (n & 0x7FFFFFFF) > 0x7F800000
+    n = torch.where(nan, (n & -65536) | (64 << 16), n)
+    n = n + (0x7FFF + ((n >> 16) & 1))
+    return (n >> 16).to(torch.int16)  # the arithmetic shift's sign bits are cut off with the top half
+
+
+def _q8_0_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """``(n, 32)`` float32 -> ``(n, 34)`` Q8_0 bytes, gguf's operations in gguf's order."""
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(d == 0, 0.0, 1 / d)
+    v = blocks * inv
+    # gguf's np_roundf: half away from zero without the error of floor(|v| + 0.5) at 0.49999997
+    a = v.abs()
+    floor = a.floor()
+    q = v.sign() * (floor + (2 * (a - floor)).floor())
+    return torch.cat([d.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=1)
