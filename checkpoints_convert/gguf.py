@@ -122,7 +122,7 @@ def _rope_scaling(f: GGUFFile, key: Any, tensors: dict[str, GGUFTensor], head_di
     if ROPE_FREQS in tensors:
         if kind not in (None, "none"):
             raise ValueError(f"{f.path}: has both rope scaling type {kind!r} and a {ROPE_FREQS} tensor")
-        freqs = dequantize(f.read(tensors[ROPE_FREQS]), tensors[ROPE_FREQS].ggml_type, tensors[ROPE_FREQS].shape)
+        freqs = dequantize(tensors[ROPE_FREQS].read(), tensors[ROPE_FREQS].ggml_type, tensors[ROPE_FREQS].shape)
         return llama3_scaling_from_rope_freqs(freqs, head_dim, theta, key("rope.scaling.original_context_length",
                                                                           None), where=str(f.path))
     if kind in (None, "none"):
@@ -197,13 +197,14 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Chec
     total = sum(math.prod(t.shape) for t in names.values())
     logger.info("%s: %d tensors, %.1fM parameters, types %s", f.path, len(names), total / 1e6,
                 sorted({t.ggml_type.name for t in names.values()}))
+    del f  # the stream needs only the tensor descriptors: the vocabulary's metadata can go
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in names.items():
             try:
-                w = dequantize(f.read(t), t.ggml_type, t.shape, dtype)
+                w = dequantize(t.read(), t.ggml_type, t.shape, dtype)
             except ValueError as e:
-                raise ValueError(f"{f.path}: tensor {t.name} ({t.ggml_type.name}): {e}") from e
+                raise ValueError(f"{t.path}: tensor {t.name} ({t.ggml_type.name}): {e}") from e
             if name in rope_heads:
                 w = interleaved_to_half(w, rope_heads[name])
             yield name, w

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
+from ..model_io.gguf_file import find_gguf
 from ..modeling.model import LlamaForCausalLM
 from ..tokenizer import Tokenizer
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory, hub id, Meta directory or llama2.c .bin")
+    p.add_argument("--model", required=True, help="checkpoint directory, hub id, .gguf file, Meta directory or llama2.c .bin")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -28,7 +29,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[LlamaForCausalLM, Tokenizer]:
     tokenizer_source = args.tokenizer or args.model
-    if args.tokenizer is None and Path(args.model).is_file():
+    if args.tokenizer is None and Path(args.model).is_file() and find_gguf(args.model) is None:
         raise ValueError(f"{args.model} is a single weights file; pass --tokenizer (e.g. a sentencepiece .model)")
     tokenizer = Tokenizer.from_pretrained(tokenizer_source)
     model = LlamaForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device, quantize=args.quantize)

@@ -62,13 +62,39 @@ class GGUFTensor:
     name: str
     ggml_type: Any  # gguf.GGMLQuantizationType (an IntEnum: .name is "Q4_1", "F32", ...)
     shape: tuple[int, ...]  # PyTorch order, outermost first (GGUF lists dimensions innermost first)
-    data: Any  # numpy memmap: typed elements for F32/F16, the raw bytes of the blocks for everything else
+    path: Path
     offset: int  # of the data in the file
     nbytes: int
+    data_dtype: Any  # numpy dtype of ``data``: float32/float16 elements for F32/F16, uint8 block bytes otherwise
+    data_shape: tuple[int, ...]  # as the gguf package shapes it (rows x bytes per row for block types)
+
+    @property
+    def data(self) -> Any:
+        """The data as a read-only numpy memory map (mapped afresh at each access)."""
+        import numpy as np
+
+        return np.memmap(self.path, dtype=self.data_dtype, mode="r", offset=self.offset, shape=self.data_shape)
+
+    def read(self) -> Any:
+        """The data as ``data`` holds it, but read into memory of its own instead of paged in through a
+        memory map: the loader streams a file much larger than any one tensor, and mapped pages it touched
+        would stay resident (and counted) until the whole file is unmapped."""
+        import numpy as np
+
+        raw = np.empty(self.nbytes, dtype=np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            if f.readinto(memoryview(raw)) != self.nbytes:
+                raise ValueError(f"{self.path} is truncated inside tensor {self.name}")
+        return raw.view(self.data_dtype).reshape(self.data_shape)
 
 
 class GGUFFile:
-    """An open GGUF file. ``get(key)`` reads metadata; ``tensors`` lists the tensors in file order."""
+    """An open GGUF file. ``get(key)`` reads metadata; ``tensors`` lists the tensors in file order.
+
+    The metadata is copied into Python values and the gguf package's reader dropped at once: it holds a
+    numpy array per string (about 170 MB for a 49k-token vocabulary with its merges) that a loader should
+    not keep alive while the weights arrive."""
 
     def __init__(self, path: str | os.PathLike):
         gguf = import_gguf()
@@ -80,49 +106,30 @@ class GGUFFile:
         if magic != b"GGUF":
             raise ValueError(f"{self.path} is not a GGUF file: it starts with {magic!r}, not the magic b'GGUF'")
         try:
-            self._reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # numpy and struct errors of a damaged header or a file cut short
+            reader = gguf.GGUFReader(self.path)
+            self._metadata = {k: field.contents() for k, field in reader.fields.items() if not k.startswith("GGUF.")}
+        except Exception as e:  # numpy, struct and decoding errors of a damaged header or a file cut short
             if "version" in str(e):
                 raise ValueError(f"{self.path}: unsupported GGUF version ({e})") from e
             raise ValueError(f"{self.path} is not a readable GGUF file (truncated or corrupt?): {e}") from e
-        self.tensors = [GGUFTensor(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())), t.data,
-                                   t.data_offset, t.n_bytes) for t in self._reader.tensors]
-        for t in self._reader.tensors:
-            expected = t.n_bytes if t.data.dtype.itemsize == 1 else t.n_elements
-            if t.data.size != expected:
+        size = self.path.stat().st_size
+        self.tensors: list[GGUFTensor] = []
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
                 raise ValueError(f"{self.path} is truncated: tensor {t.name} needs {t.n_bytes} bytes at offset "
-                                 f"{t.data_offset}, the file has {self.path.stat().st_size} bytes in all")
+                                 f"{t.data_offset}, the file has {size} bytes in all")
+            self.tensors.append(GGUFTensor(t.name, t.tensor_type, tuple(int(d) for d in reversed(t.shape.tolist())),
+                                           self.path, t.data_offset, t.n_bytes, t.data.dtype, tuple(t.data.shape)))
+        del reader
 
     def keys(self) -> list[str]:
-        return [k for k in self._reader.fields if not k.startswith("GGUF.")]
+        return list(self._metadata)
 
     def get(self, key: str, default: Any = _MISSING) -> Any:
         """The value of metadata ``key`` (str, int, float, bool, or a list of them); a ValueError naming the
         file and the key when it is missing and no default is given."""
-        field = self._reader.get_field(key)
-        if field is None:
+        if key not in self._metadata:
             if default is _MISSING:
                 raise ValueError(f"{self.path}: metadata key {key!r} is missing")
             return default
-        try:
-            return field.contents()
-        except (UnicodeDecodeError, IndexError, ValueError) as e:
-            raise ValueError(f"{self.path}: metadata key {key!r} cannot be read: {e}") from e
-
-    def read(self, tensor: GGUFTensor) -> Any:
-        """A tensor's data as ``tensor.data`` holds it, but read into memory of its own instead of paged in
-        through the memory map: the loader streams a file much larger than any one tensor, and mapped pages
-        it touched would stay resident (and counted) until the whole file is unmapped."""
-        import numpy as np
-
-        raw = np.empty(tensor.nbytes, dtype=np.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(tensor.offset)
-            if f.readinto(memoryview(raw)) != tensor.nbytes:
-                raise ValueError(f"{self.path} is truncated inside tensor {tensor.name}")
-        return raw.view(tensor.data.dtype).reshape(tensor.data.shape)
-
-    def close(self) -> None:
-        """Drop the memory map (tensors handed out keep their own reference to it while alive)."""
-        self.tensors = []
-        self._reader = None
+        return self._metadata[key]
