@@ -92,7 +92,7 @@ def test_path_forms(tmp_path, ours):
     (tmp_path / "one" / "copy.gguf").symlink_to(GGUF)
     with pytest.raises(ValueError, match="several GGUF files"):
         LlamaForCausalLM.from_pretrained(tmp_path / "one")
-    with pytest.raises(FileNotFoundError, match="no GGUF file 'nope.gguf'"):
+    with pytest.raises(FileNotFoundError, match="no GGUF file 'nope\\.gguf'"):
         LlamaForCausalLM.from_pretrained(tmp_path / "one", gguf_file="nope.gguf")
 
 
