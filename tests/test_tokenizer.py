@@ -252,7 +252,10 @@ def test_llama3_ids_match_meta_recipe_and_tokenizer_json(llama3, llama3_hf, meta
         ref = meta(text)
         assert llama3.encode(text) == [128000, *ref], text
         assert llama3.encode(text, add_bos=False, add_eos=True) == [*ref, 128001], text
-        assert llama3_hf.encode(text) == [128000, *ref], text  # the two real Llama 3 files agree
+        # The two real Llama 3 files agree on ids; this tokenizer.json's post-processor adds no BOS (transformers
+        # neither), Meta's recipe does.
+        assert llama3_hf.encode(text, add_bos=True) == [128000, *ref], text
+        assert llama3_hf.encode(text) == ref, text
         hf_raw.encode_special_tokens = True
         assert hf_raw.encode(text, add_special_tokens=False).ids == ref, text
         special = meta(text, allow_special=True)
@@ -274,7 +277,7 @@ def test_llama3_round_trip_and_decode_parity(llama3, llama3_hf, meta_llama3, hf_
     meta, _ = meta_llama3
     for text in CORPUS:
         for tok in (llama3, llama3_hf):
-            ids = tok.encode(text)
+            ids = tok.encode(text, add_bos=True)
             assert tok.decode(ids) == "<|begin_of_text|>" + text, text
             assert tok.decode(ids, skip_special_tokens=True) == text, text
     rng = random.Random(1)
@@ -366,6 +369,43 @@ def test_chat_template_is_sandboxed(llama3):
         llama3.apply_chat_template(MESSAGES, greeting="hey")
 
 
+# ---- BOS / EOS follow the file ------------------------------------------------------------------------------------
+
+def test_bos_follows_the_file(tmp_path, llama2, tok512, llama3, llama3_hf, hf_raw, sp2, transformers_module):
+    """A tokenizer.json adds what its post-processor adds (transformers 5 ignores tokenizer_config.json's
+    add_bos_token then); a bare tokenizer.model adds BOS (Meta, llama.cpp) unless tokenizer_config.json says."""
+    from tokenizers import processors
+
+    for tok in (llama2, tok512, llama3):
+        assert (tok.add_bos_token, tok.add_eos_token) == (True, False)
+    assert (llama3_hf.add_bos_token, llama3_hf.add_eos_token) == (False, False)
+    ref = transformers_module.AutoTokenizer.from_pretrained(str(LLAMA3_HF))
+    assert llama3_hf.encode("Hello world") == ref("Hello world")["input_ids"] == [9906, 1917]
+
+    # The same vocabulary with the post-processor of the later Llama 3 files (BOS), and a config that asks for none.
+    original = hf_raw.post_processor
+    hf_raw.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                      special_tokens=[("<|begin_of_text|>", 128000)])])
+    hf_raw.save(str(tmp_path / "tokenizer.json"))
+    hf_raw.post_processor = original
+    config = json.loads((LLAMA3_HF / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": False}))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    ref = transformers_module.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.add_bos_token and tok.encode("Hello world") == ref("Hello world")["input_ids"] == [128000, 9906, 1917]
+    assert tok(["Hi", "Hello world"], padding=False, return_tensors=None)["input_ids"] == [[128000, 13347], [128000, 9906, 1917]]
+
+    spm_dir = tmp_path / "spm"
+    spm_dir.mkdir()
+    (spm_dir / "tokenizer.model").write_bytes(LLAMA2.read_bytes())
+    (spm_dir / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": True}))
+    tok = Tokenizer.from_pretrained(spm_dir)
+    assert tok.encode("Hello world") == [*sp2.encode("Hello world"), 2]
+    assert tok.encode("Hello world", add_bos=True, add_eos=False) == llama2.encode("Hello world")
+
+
 # ---- a sentencepiece-style tokenizer.json (Llama 1/2 layout on the hub) ----------------------------------------
 
 def test_hf_sentencepiece_style_decoder(tmp_path, sp2, llama2):
@@ -383,11 +423,12 @@ def test_hf_sentencepiece_style_decoder(tmp_path, sp2, llama2):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     tok = Tokenizer.from_pretrained(tmp_path)
     assert (tok.kind, tok.bos_id, tok.eos_id, tok.pad_id, tok.stop_ids) == ("hf", 1, 2, 2, [2])
+    assert not tok.add_bos_token  # the file has no post-processor: no BOS, as in transformers
     for text in CORPUS:
         ids = sp2.encode(text)  # the real Llama 2 ids: decoding only depends on the pieces
         assert tok.decode(ids) == llama2.decode(ids) == raw.decode(ids) == text, text
         assert tok.encode(text, add_bos=False, allow_special=True) == raw.encode(text, add_special_tokens=False).ids
-        assert ("<s>" in text) == (tok.encode(text) != [1, *raw.encode(text, add_special_tokens=False).ids])
+        assert ("<s>" in text) == (tok.encode(text, add_bos=True) != [1, *raw.encode(text, add_special_tokens=False).ids])
         assert tok.decode(tok.encode(text), skip_special_tokens=True) == text
     assert tok.apply_chat_template(MESSAGES[1:2], tokenize=False) == "<s>[INST] What is 2 + 2? 🤔 [/INST]"
 

@@ -27,6 +27,14 @@ _SPACE_MARK = "▁"  # sentencepiece's stand-in for a space
 _LLAMA3_STOP_NAMES = ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")
 
 
+def import_tokenizers(path: str | Path) -> Any:
+    try:
+        import tokenizers
+    except ImportError as e:
+        raise ImportError(f"{path} is a Hugging Face-style tokenizer; reading it needs `pip install tokenizers`") from e
+    return tokenizers
+
+
 def _dedupe(ids: Sequence[int | None]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
@@ -41,6 +49,10 @@ class Backend:
     eos_id: int | None
     pad_id: int | None
     stop_ids: tuple[int, ...]
+    # Whether the file asks for BOS / EOS around encoded text (transformers' add_bos_token / add_eos_token);
+    # `Tokenizer.encode` follows these unless told otherwise.
+    add_bos: bool = False
+    add_eos: bool = False
 
     def encode(self, text: str, allow_special: bool) -> list[int]:
         raise NotImplementedError
@@ -78,6 +90,9 @@ class SentencePieceBackend(Backend):
         # padded positions are masked out by attention_mask anyway.
         self.pad_id = sp.pad_id() if sp.pad_id() >= 0 else self.eos_id
         self.stop_ids = _dedupe([self.eos_id])
+        # The model file says nothing about BOS; Meta's generation code, HF Llama 2 repos (add_bos_token) and
+        # llama.cpp all add it. tokenizer_config.json's add_bos_token / add_eos_token override (Tokenizer).
+        self.add_bos = self.bos_id is not None
         names = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
 
@@ -143,6 +158,7 @@ class TiktokenBackend(Backend):
         self.bos_id, self.eos_id = s["<|begin_of_text|>"], s["<|end_of_text|>"]
         self.pad_id = s["<|finetune_right_pad_id|>"]  # Meta's own pad id for Llama 3.1+
         self.stop_ids = _dedupe([s[name] for name in _LLAMA3_STOP_NAMES])
+        self.add_bos = True  # Meta's recipe starts every prompt with <|begin_of_text|>
 
     def encode(self, text: str, allow_special: bool) -> list[int]:
         return tiktoken_llama3.encode(self.enc, text, allow_special)
@@ -170,19 +186,78 @@ def _decoder_specs(spec: Any) -> list[dict[str, Any]]:
     return []
 
 
+def _post_processor_specs(spec: Any) -> list[dict[str, Any]]:
+    """Every post-processor in a tokenizer.json post-processor spec, in order (Sequence processors nest)."""
+    if isinstance(spec, dict):
+        return [spec] if spec.get("type") != "Sequence" else [p for s in spec.get("processors", [])
+                                                               for p in _post_processor_specs(s)]
+    return []
+
+
+def added_around_text(tk: Any) -> tuple[list[str], list[str]]:
+    """The special tokens a tokenizer.json post-processor puts before and after a single text (its
+    TemplateProcessing `single`, or Bert/Roberta's cls/sep): what transformers adds with add_special_tokens."""
+    before: list[str] = []
+    after: list[str] = []
+    spec = json.loads(tk.post_processor.__getstate__()) if tk.post_processor is not None else None
+    for p in _post_processor_specs(spec):
+        if p.get("type") == "TemplateProcessing":
+            seen_text = False
+            for piece in p.get("single", []):
+                if "Sequence" in piece:
+                    seen_text = True
+                elif "SpecialToken" in piece:
+                    name = piece["SpecialToken"]["id"]
+                    ids = p.get("special_tokens", {}).get(name, {}).get("tokens", [name])
+                    (after if seen_text else before).extend(ids)
+        elif p.get("type") in ("BertProcessing", "RobertaProcessing"):
+            before.append(p["cls"][0])
+            after.append(p["sep"][0])
+    return before, after
+
+
 class HFBackend(Backend):
     kind = "hf"
 
     def __init__(self, path: Path, config: dict[str, Any]):
+        tokenizers = import_tokenizers(path)
         try:
-            import tokenizers
-        except ImportError as e:
-            raise ImportError(f"{path} is a Hugging Face tokenizer; reading it needs `pip install tokenizers`") from e
-        try:
-            self.tk = tokenizers.Tokenizer.from_file(str(path))
+            tk = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise ValueError(f"{path} is not a valid Hugging Face tokenizer.json: {e}") from e
-        tk = self.tk
+        self._setup(tk, path)
+
+        def lookup(*names: Any) -> int | None:
+            for name in names:
+                name = name.get("content") if isinstance(name, dict) else name  # old configs store AddedToken dicts
+                if isinstance(name, str) and tk.token_to_id(name) is not None:
+                    return tk.token_to_id(name)
+            return None
+
+        self.bos_id = lookup(config.get("bos_token"), "<|begin_of_text|>", "<s>")
+        self.eos_id = lookup(config.get("eos_token"), "<|end_of_text|>", "</s>")
+        # No pad token in Llama tokenizers: Meta's <|finetune_right_pad_id|> where it exists, else EOS.
+        self.pad_id = lookup(config.get("pad_token"), "<|finetune_right_pad_id|>")
+        self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
+        self.stop_ids = _dedupe([self.eos_id, *(self.special_tokens.get(n) for n in _LLAMA3_STOP_NAMES)])
+        # BOS/EOS as the file's post-processor adds them. transformers (5.x) does the same and ignores
+        # tokenizer_config.json's add_bos_token/add_eos_token whenever a tokenizer.json is present.
+        before, after = added_around_text(tk)
+        self.add_bos = self._flag(before, self.bos_id, "BOS", path)
+        self.add_eos = self._flag(after, self.eos_id, "EOS", path)
+
+    def _flag(self, added: list[str], expected: int | None, what: str, path: Path) -> bool:
+        ids = [self.tk.token_to_id(t) for t in added]
+        if not ids:
+            return False
+        if ids == [expected]:
+            return True
+        raise ValueError(f"{path}: the post-processor adds {added} around the text where llama_core expects "
+                         f"only the {what} token (id {expected}); this layout is not supported")
+
+    def _setup(self, tk: Any, source: str | Path) -> None:
+        """What every tokenizers-based backend shares: the tokenizer, its added tokens and decoder style."""
+        self.tk = tk
         # Padding or truncation saved in tokenizer.json would silently change ids; batching is done here.
         tk.no_padding()
         tk.no_truncation()
@@ -199,27 +274,13 @@ class HFBackend(Backend):
         elif types & {"ByteFallback", "Metaspace", "Replace"}:
             self._style = "sentencepiece"  # Llama 1/2, Mistral: "▁" for spaces, <0xNN> byte pieces
         else:
-            raise ValueError(f"{path}: unsupported decoder {sorted(map(str, types)) or None}; llama_core decodes "
+            raise ValueError(f"{source}: unsupported decoder {sorted(map(str, types)) or None}; llama_core decodes "
                              f"byte-level BPE (Llama 3) and sentencepiece-style (Llama 1/2) tokenizer.json files")
         # Whether decoding drops the first token's dummy-prefix space: Llama 2 files end their decoder chain with
         # Strip(" ", 1, 0); Metaspace decoders do it unless prepend_scheme is "never".
         self._strips_prefix = self._style == "sentencepiece" and any(
             d.get("type") == "Strip" or (d.get("type") == "Metaspace" and d.get("prepend_scheme") != "never"
                                          and d.get("add_prefix_space", True)) for d in specs)
-
-        def lookup(*names: Any) -> int | None:
-            for name in names:
-                name = name.get("content") if isinstance(name, dict) else name  # old configs store AddedToken dicts
-                if isinstance(name, str) and tk.token_to_id(name) is not None:
-                    return tk.token_to_id(name)
-            return None
-
-        self.bos_id = lookup(config.get("bos_token"), "<|begin_of_text|>", "<s>")
-        self.eos_id = lookup(config.get("eos_token"), "<|end_of_text|>", "</s>")
-        # No pad token in Llama tokenizers: Meta's <|finetune_right_pad_id|> where it exists, else EOS.
-        self.pad_id = lookup(config.get("pad_token"), "<|finetune_right_pad_id|>")
-        self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
-        self.stop_ids = _dedupe([self.eos_id, *(self.special_tokens.get(n) for n in _LLAMA3_STOP_NAMES)])
 
     def encode(self, text: str, allow_special: bool) -> list[int]:
         return self.encode_batch([text], allow_special)[0]

@@ -2,14 +2,16 @@
 
 `Tokenizer.from_pretrained(dir_or_hub_id)` picks the backend from what the directory holds (see
 `backends.py`): an HF `tokenizer.json` first, else a `tokenizer.model` that is either a Llama 3 tiktoken
-ranks file or a sentencepiece model. On top of any backend this class adds BOS/EOS, batching with padding, chat
+ranks file or a sentencepiece model, else a single `.gguf` file (its vocabulary metadata, `gguf_vocab.py`).
+On top of any backend this class adds BOS/EOS, batching with padding, chat
 prompts (`chat_template.py`) and decoding through per-token bytes (`detokenize.py`), so streaming equals `decode`.
 
 Conventions, the same for every backend:
 - special-token text typed by a user is ordinary text unless `allow_special=True` (chat templates set it);
 - `decode` keeps special tokens as their text unless `skip_special_tokens=True`, and never "cleans up"
   spaces (transformers' `clean_up_tokenization_spaces` breaks `decode(encode(x)) == x`);
-- `pad_id` is the tokenizer's pad token, else Llama 3's `<|finetune_right_pad_id|>`, else EOS.
+- `pad_id` is the tokenizer's pad token, else Llama 3's `<|finetune_right_pad_id|>`, else EOS;
+- BOS / EOS are added where the file says so (`add_bos_token`), as transformers and llama.cpp do.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from typing import Any
 
 import torch
 
+from ..model_io.gguf_file import GGUF_SUFFIX, find_gguf
 from ..model_io.hub import resolve_checkpoint
 from ..modeling.config import read_json_object
-from . import chat_template, detokenize, tiktoken_llama3
+from . import chat_template, detokenize, gguf_vocab, tiktoken_llama3
 from .backends import Backend, HFBackend, SentencePieceBackend, TiktokenBackend
 from .detokenize import IncrementalDecoder
 
@@ -81,19 +84,38 @@ class Tokenizer:
                                  "pad_token": token_text("pad_token", backend.pad_id)}
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, revision: str | None = None,
-                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None) -> Tokenizer:
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, gguf_file: str | None = None,
+                        revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        token: str | bool | None = None) -> Tokenizer:
         """Load from a directory (or a tokenizer file in it) or a hub id. Looks for `tokenizer.json`, then
         `tokenizer.model`; a `tokenizer_config.json` / `chat_template.jinja` beside it supplies the chat template
-        and, for `tokenizer.json`, the BOS/EOS/pad tokens."""
+        and, for `tokenizer.json`, the BOS/EOS/pad tokens. A `.gguf` file, a directory whose only tokenizer is
+        one `.gguf` file, or `gguf_file=` naming one in a directory or hub repository (transformers' spelling)
+        loads the vocabulary and chat template stored in that GGUF."""
+        if gguf_file is not None:
+            parts = Path(gguf_file).parts
+            if Path(gguf_file).is_absolute() or ".." in parts or len(parts) != 1:
+                raise ValueError(f"gguf_file={gguf_file!r} must be the name of a file inside {path_or_hub_id}")
+            found_gguf = find_gguf(path_or_hub_id, gguf_file, revision, cache_dir, token)
+            assert found_gguf is not None
+            return cls.from_gguf(found_gguf, name_or_path=str(path_or_hub_id))
         path = _resolve(path_or_hub_id, revision, cache_dir, token)
         directory = path if path.is_dir() else path.parent
         if path.is_dir():
             found = [directory / n for n in ("tokenizer.json", "tokenizer.model") if (directory / n).is_file()]
             if not found:
+                ggufs = sorted(directory.glob(f"*{GGUF_SUFFIX}"))
+                if len(ggufs) > 1:
+                    raise ValueError(f"{directory} holds several GGUF files ({', '.join(g.name for g in ggufs)}) and "
+                                     f"no tokenizer.json or tokenizer.model; pick one with gguf_file=")
+                if ggufs:
+                    return cls.from_gguf(ggufs[0], name_or_path=str(path_or_hub_id))
                 raise FileNotFoundError(f"no tokenizer in {directory}: looked for tokenizer.json (Hugging Face "
-                                        f"tokenizers) and tokenizer.model (sentencepiece, or Llama 3 tiktoken ranks)")
+                                        f"tokenizers), tokenizer.model (sentencepiece, or Llama 3 tiktoken ranks) "
+                                        f"and a {GGUF_SUFFIX} file")
             path = found[0]
+        elif path.suffix == GGUF_SUFFIX:
+            return cls.from_gguf(path, name_or_path=str(path_or_hub_id))
         config = _read_config(directory)
         jinja_file = directory / "chat_template.jinja"
         template = (jinja_file.read_text(encoding="utf-8") if jinja_file.is_file()
@@ -102,19 +124,30 @@ class Tokenizer:
         backend: Backend
         if path.suffix == ".json":
             backend = HFBackend(path, config)
-        elif tiktoken_llama3.looks_like_ranks_file(path):
-            backend = TiktokenBackend(path)
         else:
-            backend = SentencePieceBackend(path)
+            backend = TiktokenBackend(path) if tiktoken_llama3.looks_like_ranks_file(path) else SentencePieceBackend(path)
+            # Without a tokenizer.json transformers takes BOS/EOS from tokenizer_config.json (with one, from the
+            # file's post-processor only: HFBackend).
+            for key, attr in (("add_bos_token", "add_bos"), ("add_eos_token", "add_eos")):
+                if isinstance(config.get(key), bool):
+                    setattr(backend, attr, config[key])
         logger.info("loaded %s tokenizer from %s: %d ids, chat template: %s", backend.kind, path,
                     backend.vocab_size, "from config" if template else "built-in")
         return cls(backend, template, config, str(path_or_hub_id))
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike, name_or_path: str | None = None) -> Tokenizer:
+        """The tokenizer described by a GGUF file's metadata (`tokenizer.ggml.*`, `tokenizer.chat_template`)."""
+        backend, template = gguf_vocab.load_gguf_backend(path)
+        logger.info("loaded %s GGUF vocabulary from %s: %d ids, chat template: %s", backend.vocab.model, path,
+                    backend.vocab_size, "from the file" if template else "built-in")
+        return cls(backend, template, None, name_or_path if name_or_path is not None else str(path))
 
     # ---- vocabulary -------------------------------------------------------------------------------------------
 
     @property
     def kind(self) -> str:
-        """"sentencepiece", "tiktoken" or "hf": which file format and library is underneath."""
+        """"sentencepiece", "tiktoken", "hf" or "gguf": which file format and library is underneath."""
         return self.backend.kind
 
     @property
@@ -161,26 +194,40 @@ class Tokenizer:
 
     # ---- encoding ---------------------------------------------------------------------------------------------
 
-    def encode(self, text: str, add_bos: bool = True, add_eos: bool = False, allow_special: bool = False) -> list[int]:
-        """Token ids of `text`. Special-token text in it ("<|eot_id|>", "</s>") is encoded as ordinary text unless
-        `allow_special`, so user input cannot inject control tokens."""
+    @property
+    def add_bos_token(self) -> bool:
+        """Whether `encode` adds BOS by default: what the tokenizer file says (a tokenizer.json post-processor, a
+        GGUF's add_bos_token, tokenizer_config.json beside a tokenizer.model), as transformers and llama.cpp do."""
+        return self.backend.add_bos
+
+    @property
+    def add_eos_token(self) -> bool:
+        """Whether `encode` adds EOS by default (see `add_bos_token`)."""
+        return self.backend.add_eos
+
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None,
+               allow_special: bool = False) -> list[int]:
+        """Token ids of `text`, with BOS / EOS where the tokenizer file asks for them (`add_bos_token`,
+        `add_eos_token`) unless `add_bos` / `add_eos` say otherwise. Special-token text in it ("<|eot_id|>",
+        "</s>") is encoded as ordinary text unless `allow_special`, so user input cannot inject control tokens."""
         return self._wrap(self.backend.encode(_check_text(text), allow_special), add_bos, add_eos)
 
-    def _wrap(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
-        if add_bos:
+    def _wrap(self, ids: list[int], add_bos: bool | None, add_eos: bool | None) -> list[int]:
+        if add_bos if add_bos is not None else self.add_bos_token:
             if self.bos_id is None:
                 raise ValueError("this tokenizer has no BOS token; pass add_bos=False")
             ids = [self.bos_id, *ids]
-        if add_eos:
+        if add_eos if add_eos is not None else self.add_eos_token:
             if self.eos_id is None:
                 raise ValueError("this tokenizer has no EOS token; pass add_eos=False")
             ids = [*ids, self.eos_id]
         return ids
 
-    def __call__(self, text: str | Sequence[str], *, add_bos: bool = True, add_eos: bool = False,
+    def __call__(self, text: str | Sequence[str], *, add_bos: bool | None = None, add_eos: bool | None = None,
                  allow_special: bool = False, padding: bool | str = True, padding_side: str = "left",
                  return_tensors: str | None = "pt") -> dict[str, Any]:
-        """Encode a batch (or one string, as a batch of one) into `input_ids` and `attention_mask`.
+        """Encode a batch (or one string, as a batch of one) into `input_ids` and `attention_mask`; BOS / EOS as
+        in `encode`.
 
         Padding (with `pad_id`) is on the left by default: batched generation appends to the right end of every
         row. Use `padding_side="right"` for training. `return_tensors="pt"` gives LongTensors [batch, seq];
