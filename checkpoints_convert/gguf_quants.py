@@ -29,7 +29,8 @@ from llama_core.model_io.gguf_file import import_gguf
 from . import gguf_kquants as K
 
 Impl = Literal["auto", "torch", "numpy"]
-CHUNK_ELEMENTS = 1 << 18  # output elements per chunk (1 MiB of fp32): the temporaries stay in cache
+CHUNK_ELEMENTS = 1 << 20  # output elements per chunk (4 MiB of fp32): temporaries of a few MiB, and few enough
+# chunks that the per-op overhead is lost (1 << 18 measured 10-20% slower on the K-quants, 1 << 22 no faster)
 
 
 def _f32(b: torch.Tensor, out: torch.Tensor) -> None:
@@ -57,25 +58,33 @@ def _fix_nans(out: torch.Tensor, b: torch.Tensor, np_dtype: Any) -> None:
         out[nan] = torch.from_numpy(src[nan.numpy()].astype(np.float32))
 
 
-# type name -> (torch block function, the implementation "auto" uses). The ratio is torch's output MB/s over
-# numpy's, median over interleaved repeats of a 4096 x 4096 weight, 2 torch threads, AMD EPYC (bench record
-# benchmarks/results/gguf-dequant-amd-epyc.json).
+# type name -> (torch block function, the implementation "auto" uses), with torch's speed over gguf's numpy:
+# median of per-repeat ratios, 7 interleaved repeats, through dequantize() (same chunks and output) at a
+# 4096 x 4096 weight / a 49152 x 576 embedding (49152 x 768 for K-quants), fp32 output, 2 torch threads, AMD
+# EPYC (2 cores), benchmarks/results/gguf-dequant-amd-epyc.json. Both sides include the page faults of a
+# fresh output (~3 GB/s here), which cap torch's MB/s near 2.3-3.6 GB/s; numpy's 0.6-2.5 GB/s.
 _DEQUANT: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], None], str]] = {
-    "F32": (_f32, "torch"),
-    "F16": (_f16, "torch"),
-    "BF16": (_bf16, "torch"),
-    "Q8_0": (K.q8_0, "torch"),
-    "Q4_0": (K.q4_0, "torch"),
-    "Q4_1": (K.q4_1, "torch"),
-    "Q5_0": (K.q5_0, "torch"),
-    "Q5_1": (K.q5_1, "torch"),
-    "Q2_K": (K.q2_k, "torch"),
-    "Q3_K": (K.q3_k, "torch"),
-    "Q4_K": (K.q4_k, "torch"),
-    "Q5_K": (K.q5_k, "torch"),
-    "Q6_K": (K.q6_k, "torch"),
+    "F32": (_f32, "torch"),  # 1.31x / 1.14x (two memcpys, the second on 2 threads, vs numpy's one)
+    "F16": (_f16, "torch"),  # 2.32x / 2.13x
+    "BF16": (_bf16, "torch"),  # 1.75x / 1.82x
+    "Q8_0": (K.q8_0, "torch"),  # 1.87x / 2.15x
+    "Q4_0": (K.q4_0, "torch"),  # 2.22x / 2.88x
+    "Q4_1": (K.q4_1, "torch"),  # 2.30x / 3.10x
+    "Q5_0": (K.q5_0, "torch"),  # 2.40x / 3.65x
+    "Q5_1": (K.q5_1, "torch"),  # 2.36x / 3.71x
+    "Q2_K": (K.q2_k, "torch"),  # 2.12x / 3.21x
+    "Q3_K": (K.q3_k, "torch"),  # 2.08x / 3.86x
+    "Q4_K": (K.q4_k, "torch"),  # 2.15x / 3.94x
+    "Q5_K": (K.q5_k, "torch"),  # 2.24x / 4.14x
+    "Q6_K": (K.q6_k, "torch"),  # 2.13x / 3.43x
 }
-_QUANTIZE = ("F32", "F16", "BF16", "Q8_0")
+# quantize: the same measurement of torch over gguf.quants.quantize (4096 x 4096 / 49152 x 576, fp32 input)
+_QUANTIZE = {
+    "F32": "torch",  # both hand back the float32 data itself
+    "F16": "torch",  # RATIO_F16
+    "BF16": "torch",  # RATIO_BF16
+    "Q8_0": "torch",  # RATIO_Q8_0
+}
 
 
 def _qtype(ggml_type: Any, supported: tuple[str, ...] | dict, what: str) -> Any:
@@ -89,6 +98,12 @@ def _qtype(ggml_type: Any, supported: tuple[str, ...] | dict, what: str) -> Any:
         name = qtype.name if qtype is not None else repr(ggml_type)
         raise ValueError(f"cannot {what} GGML type {name}: supported types are {', '.join(supported)}")
     return qtype
+
+
+def _impl(impl: str, auto: str) -> str:
+    if impl not in ("auto", "torch", "numpy"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'numpy', not {impl!r}")
+    return auto if impl == "auto" else impl
 
 
 def dequantize(data: np.ndarray, ggml_type: Any, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
@@ -105,9 +120,7 @@ def dequantize(data: np.ndarray, ggml_type: Any, shape: tuple[int, ...], dtype: 
     """
     qtype = _qtype(ggml_type, _DEQUANT, "dequantize")
     block_fn, auto = _DEQUANT[qtype.name]
-    impl = auto if impl == "auto" else impl
-    if impl not in ("torch", "numpy"):
-        raise ValueError(f"impl must be 'auto', 'torch' or 'numpy', not {impl!r}")
+    impl = _impl(impl, auto)
     block_size, type_size = import_gguf().GGML_QUANT_SIZES[qtype]
     shape = tuple(int(s) for s in shape)
     numel = math.prod(shape)
@@ -145,28 +158,33 @@ def dequantize(data: np.ndarray, ggml_type: Any, shape: tuple[int, ...], dtype: 
     return out.view(shape)
 
 
-def quantize(tensor: torch.Tensor, ggml_type: Any) -> np.ndarray:
+def quantize(tensor: torch.Tensor, ggml_type: Any, impl: Impl = "auto") -> np.ndarray:
     """``tensor`` as GGML type F32, F16, BF16 or Q8_0: exactly ``gguf.quants.quantize(tensor.float().numpy(),
     ggml_type)`` (bit for bit, NaNs included), ready for ``GGUFWriter.add_tensor(name, array,
     raw_dtype=ggml_type)``: float32/float16 arrays of the tensor's shape, or for BF16 and Q8_0 uint8 bytes of
     shape ``(*shape[:-1], bytes per row)``. F32 of a float32 CPU tensor shares its memory, as gguf's does.
 
     Q8_0 rounds as llama.cpp's ``quantize_row_q8_0_ref``: d = max|x| / 127 per block of 32, q = round(x / d)
-    half away from zero (computed as x * (1/d)), d stored as fp16; rows must be whole blocks.
+    half away from zero (computed as x * (1/d)), d stored as fp16; rows must be whole blocks. ``impl`` as
+    for ``dequantize``.
     """
     qtype = _qtype(ggml_type, _QUANTIZE, "quantize")
+    impl = _impl(impl, _QUANTIZE[qtype.name])
     x = tensor.detach().cpu().float().contiguous()
+    block = 32 if qtype.name == "Q8_0" else 1
+    if qtype.name in ("BF16", "Q8_0") and (x.ndim == 0 or x.shape[-1] % block):  # gguf shapes bytes by rows
+        raise ValueError(f"cannot quantize a tensor of shape {tuple(x.shape)} to {qtype.name}: "
+                         f"{'rows must be whole blocks of 32' if x.ndim else 'it is a scalar'}")
+    if impl == "numpy":
+        return import_gguf().quants.quantize(x.numpy(), qtype)
     if qtype.name == "F32":
         return x.numpy()
     if qtype.name == "F16":
         h = x.half()  # round to nearest even, as numpy; NaN payloads go through numpy (torch quiets them)
-        nan = x.isnan()
-        if nan.any():
+        if x.numel() and x.amax().isnan():
+            nan = x.isnan()
             h[nan] = torch.from_numpy(x[nan].numpy().astype(np.float16))
         return h.numpy()
-    if x.ndim == 0 or (qtype.name == "Q8_0" and x.shape[-1] % 32):
-        raise ValueError(f"cannot quantize a tensor of shape {tuple(x.shape)} to {qtype.name}: "
-                         f"{'rows must be whole blocks of 32' if x.ndim else 'it is a scalar'}")
     byte_shape = (*x.shape[:-1], x.shape[-1] * 2 if qtype.name == "BF16" else x.shape[-1] // 32 * 34)
     flat = x.view(-1)
     out = np.empty(byte_shape, dtype=np.uint8)
@@ -187,10 +205,10 @@ def _bf16_bits(x: torch.Tensor) -> torch.Tensor:
     NaN into one canonical NaN, hence the bit arithmetic. int32 cannot overflow here: a NaN's low half is
     cleared before the bias (<= 0x8000) is added, and the largest other magnitude is inf (0x7f800000)."""
     n = x.view(torch.int32)
-    nan = (n & 0x7FFFFFFF) > 0x7F800000
-    n = torch.where(nan, (n & -65536) | (64 << 16), n)
-    n = n + (0x7FFF + ((n >> 16) & 1))
-    return (n >> 16).to(torch.int16)  # the arithmetic shift's sign bits are cut off with the top half
+    if x.numel() and x.amax().isnan():  # rare: skip two passes over the data when there are no NaNs
+        n = torch.where((n & 0x7FFFFFFF) > 0x7F800000, (n & -65536) | (64 << 16), n)
+    rounded = (n >> 16).bitwise_and_(1).add_(0x7FFF).add_(n).bitwise_right_shift_(16)
+    return rounded.to(torch.int16)  # the arithmetic shift's sign bits are cut off with the top half
 
 
 def _q8_0_blocks(blocks: torch.Tensor) -> torch.Tensor:

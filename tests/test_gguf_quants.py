@@ -152,9 +152,11 @@ def test_quantize_bit_equal_to_gguf(name):
     for x in quantize_inputs():
         with np.errstate(over="ignore", invalid="ignore"):  # the fp16 overflow row
             expected = gguf.quants.quantize(x.detach().float().numpy(), T[name])
-        got = quantize(x, T[name])
-        assert got.dtype == expected.dtype and got.shape == expected.shape, (got.shape, expected.shape)
-        assert got.tobytes() == expected.tobytes(), name
+        for impl in ("torch", "numpy", "auto"):
+            with np.errstate(over="ignore", invalid="ignore"):
+                got = quantize(x, T[name], impl=impl)
+            assert got.dtype == expected.dtype and got.shape == expected.shape, (impl, got.shape, expected.shape)
+            assert got.tobytes() == expected.tobytes(), (name, impl)
 
 
 @pytest.mark.parametrize("name", ["F16", "BF16"])
@@ -182,7 +184,11 @@ def test_quantize_rejects():
     with pytest.raises(ValueError, match=r"Q4_K.*supported.*F32, F16, BF16, Q8_0"):
         quantize(torch.zeros(256), T.Q4_K)
     with pytest.raises(ValueError, match="whole blocks of 32"):
-        quantize(torch.zeros(2, 48), T.Q8_0)
+        quantize(torch.zeros(2, 48), T.Q8_0, impl="numpy")
+    with pytest.raises(ValueError, match="scalar"):
+        quantize(torch.tensor(1.0), T.BF16)
+    with pytest.raises(ValueError, match="impl"):
+        quantize(torch.zeros(32), T.Q8_0, impl="fast")  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------ real GGUF file
