@@ -8,9 +8,10 @@ real sizes, and quantisation (F16, BF16, Q8_0); the numbers behind ``impl="auto"
 Both sides run through ``dequantize(..., impl=...)``: the same chunking and output tensor, so the timings
 differ only by the block arithmetic (gguf's numpy on one thread, torch's ops on ``torch.get_num_threads()``).
 The data is random bytes with finite fp16 scales (the arithmetic does not depend on the values). Each
-repeat times both implementations, alternating which goes first; the table gives median times, MB/s of
-float32 output (of float32 input for quantize) and the median of the per-repeat ratios, so that load from
-other processes (this machine is shared) hits both sides alike. The load average is recorded with the rows. Rows go to
+round times every case once, both implementations in alternating order; the table gives median times, MB/s
+of float32 output (of float32 input for quantize) and the median of the per-round ratios, so that load
+from other processes (this machine is shared) hits both sides alike and a burst of it spoils a round, not a
+case. The load average and the best times are recorded with the rows, in
 benchmarks/results/gguf-dequant-<device>.json (device, versions, git sha). A script, never a timed assertion.
 """
 
@@ -51,17 +52,20 @@ def random_data(gguf, name: str, shape: tuple[int, int], rng: np.random.Generato
     return data
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each function, one warm-up call each, then ``repeats`` rounds in alternating
-    order."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+def interleaved(cases: dict[tuple, dict[str, Callable[[], object]]], repeats: int) -> dict[tuple, dict]:
+    """Seconds per call of each case's implementations: one warm-up call each, then ``repeats`` rounds, each
+    round going once through every case, both implementations in alternating order. A burst of load from
+    another process then spoils one round of many cases rather than every round of one."""
+    for fns in cases.values():
+        for fn in fns.values():
+            fn()
+    times = {case: {impl: [] for impl in fns} for case, fns in cases.items()}
     for r in range(repeats):
-        for name in (list(fns) if r % 2 == 0 else list(reversed(fns))):
-            start = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - start)
+        for case, fns in cases.items():
+            for impl in (list(fns) if r % 2 == 0 else list(reversed(fns))):
+                start = time.perf_counter()
+                fns[impl]()
+                times[case][impl].append(time.perf_counter() - start)
     return times
 
 
@@ -100,6 +104,7 @@ def main() -> int:
     print(f"{'op':10s} {'type':5s} {'shape':>12s} {'numpy ms':>9s} {'torch ms':>9s} {'numpy MB/s':>11s} "
           f"{'torch MB/s':>11s} {'torch/numpy':>11s}  auto")
     for base in shapes:
+        cases, info = {}, {}
         for name in args.types:
             qtype = gguf.GGMLQuantizationType[name]
             block_size = gguf.GGML_QUANT_SIZES[qtype][0]
@@ -108,18 +113,19 @@ def main() -> int:
             a, b = (gguf_quants.dequantize(data, qtype, shape, impl=i) for i in ("torch", "numpy"))
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), f"{name}: torch != numpy"
             del a, b
-            times = interleaved({i: partial(gguf_quants.dequantize, data, qtype, shape, impl=i)
-                                 for i in ("numpy", "torch")}, repeats)
-            rows.append(row("dequantize", name, shape, times, shape[0] * shape[1] * 4,
-                            gguf_quants._DEQUANT[name][1]))
-            show(rows[-1])
+            cases["dequantize", name] = {i: partial(gguf_quants.dequantize, data, qtype, shape, impl=i)
+                                         for i in ("numpy", "torch")}
+            info["dequantize", name] = (shape, gguf_quants._DEQUANT[name][1])
         x = torch.randn(base)
         for name in ("F16", "BF16", "Q8_0"):  # what GGUFWriter takes (F32 is the data itself)
             qtype = gguf.GGMLQuantizationType[name]
-            times = interleaved({i: partial(gguf_quants.quantize, x, qtype, impl=i) for i in ("numpy", "torch")},
-                                repeats)
-            rows.append(row("quantize", name, base, times, x.numel() * 4, gguf_quants._QUANTIZE[name]))
-            show(rows[-1])  # MB/s of fp32 input
+            cases["quantize", name] = {i: partial(gguf_quants.quantize, x, qtype, impl=i) for i in ("numpy", "torch")}
+            info["quantize", name] = (base, gguf_quants._QUANTIZE[name])
+        for (op, name), times in interleaved(cases, repeats).items():
+            shape, auto = info[op, name]
+            rows.append(row(op, name, shape, times, shape[0] * shape[1] * 4, auto))  # fp32 bytes out / in
+            show(rows[-1])
+        del cases
     meta["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     rows = [dict(meta, **r) for r in rows]
 
