@@ -5,9 +5,11 @@ arithmetic (and the shared helpers), the legacy 32-element types included, so th
 dispatcher.
 
 Each function performs the same float32 operations in the same order as gguf's numpy reference (which
-mirrors llama.cpp's ``dequantize_row_*``): the fp16 scales widened to float32, the integer quants made
-float exactly, then one multiplication (and for types with a minimum one subtraction or addition), each
-rounded separately. In-place ``mul_``/``sub_`` on CPU never fuse into an FMA, so the results are bit-equal.
+mirrors llama.cpp's ``dequantize_row_*``): the fp16 scales widened to float32 (and multiplied by the K-quants'
+integer sub-scales), the integer quants made float exactly (offsets such as -8 applied before, in uint8 read
+as int8: exact either way), then one multiplication (and for types with a minimum one subtraction or
+addition), each rounded separately. Separate in-place ``mul_``/``sub_`` calls cannot fuse into an FMA, so
+the results are bit-equal.
 Byte layouts are in the comments (offsets in bytes within a block; "nibble" = 4 bits, low one first).
 """
 
@@ -18,6 +20,8 @@ import torch
 NIBBLES = (0, 4)  # shifts of the fields of a byte: 4-bit, 2-bit, 1-bit
 CRUMBS = (0, 2, 4, 6)
 BITS = tuple(range(8))
+
+
 def f16_at(blocks: torch.Tensor, offset: int) -> torch.Tensor:
     """The fp16 field at byte ``offset`` of each block as float32 ``(n, 1)`` (every such field in ggml's
     structs sits at an even offset, and every type_size is even, so the uint8 -> float16 view is legal)."""

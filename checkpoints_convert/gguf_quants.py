@@ -9,10 +9,13 @@ The layouts and the arithmetic per type are in ``gguf_kquants``.
 
 Two implementations are kept for each type: gguf's numpy one (``gguf.quants``, llama.cpp's own Python
 reference, an optional dependency imported only when called) and a vectorised torch one written here. The
-torch one does the same float32 operations in the same order, so the two agree bit for bit, but it runs its
-elementwise passes on all of torch's threads over cache-sized chunks where gguf's numpy runs on one thread
-and gathers the whole fp32 output in a list before concatenating it (two fp32 copies at once). ``impl="auto"``
-takes whichever measured faster (``benchmarks/bench_gguf_dequant.py``; ratios are in ``_DEQUANT``).
+torch one does the same float32 operations in the same order, so the two agree bit for bit; it exists for
+speed: numpy runs each of its ~10 elementwise passes on one thread and, for the bit fields, broadcasts
+shifts over small arrays, where torch runs vectorised passes on all of torch's threads (2-4x faster here).
+Both run over chunks of rows written into the output: gguf's own ``dequantize`` on a whole tensor gathers
+the pieces in a list before concatenating them, two fp32 copies at its peak, too many for a 128k x 4096
+embedding. ``impl="auto"`` takes whichever measured faster (``benchmarks/bench_gguf_dequant.py``; the
+ratios are next to the choices in ``_DEQUANT`` and ``_QUANTIZE``).
 """
 
 from __future__ import annotations
@@ -59,31 +62,32 @@ def _fix_nans(out: torch.Tensor, b: torch.Tensor, np_dtype: Any) -> None:
 
 
 # type name -> (torch block function, the implementation "auto" uses), with torch's speed over gguf's numpy:
-# median of per-repeat ratios, 7 interleaved repeats, through dequantize() (same chunks and output) at a
+# median of per-round ratios, 7 interleaved rounds, through dequantize() (same chunks and output) at a
 # 4096 x 4096 weight / a 49152 x 576 embedding (49152 x 768 for K-quants), fp32 output, 2 torch threads, AMD
-# EPYC (2 cores), benchmarks/results/gguf-dequant-amd-epyc.json. Both sides include the page faults of a
-# fresh output (~3 GB/s here), which cap torch's MB/s near 2.3-3.6 GB/s; numpy's 0.6-2.5 GB/s.
+# EPYC (2 cores), benchmarks/results/gguf-dequant-amd-epyc.json: torch 2.4-3.6 GB/s of output, numpy
+# 0.6-2.3 GB/s. Both include the page faults of a fresh output, which bound torch here. With more busy
+# threads than cores (other processes), torch's threaded ops can stall 10-50x in bursts; numpy does not.
 _DEQUANT: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], None], str]] = {
-    "F32": (_f32, "torch"),  # 1.31x / 1.14x (two memcpys, the second on 2 threads, vs numpy's one)
-    "F16": (_f16, "torch"),  # 2.32x / 2.13x
-    "BF16": (_bf16, "torch"),  # 1.75x / 1.82x
-    "Q8_0": (K.q8_0, "torch"),  # 1.87x / 2.15x
-    "Q4_0": (K.q4_0, "torch"),  # 2.22x / 2.88x
-    "Q4_1": (K.q4_1, "torch"),  # 2.30x / 3.10x
-    "Q5_0": (K.q5_0, "torch"),  # 2.40x / 3.65x
-    "Q5_1": (K.q5_1, "torch"),  # 2.36x / 3.71x
-    "Q2_K": (K.q2_k, "torch"),  # 2.12x / 3.21x
-    "Q3_K": (K.q3_k, "torch"),  # 2.08x / 3.86x
-    "Q4_K": (K.q4_k, "torch"),  # 2.15x / 3.94x
-    "Q5_K": (K.q5_k, "torch"),  # 2.24x / 4.14x
-    "Q6_K": (K.q6_k, "torch"),  # 2.13x / 3.43x
+    "F32": (_f32, "torch"),  # 1.47x / 1.48x (two memcpys, the second on 2 threads, vs numpy's one)
+    "F16": (_f16, "torch"),  # 2.37x / 2.42x
+    "BF16": (_bf16, "torch"),  # 1.80x / 2.14x
+    "Q8_0": (K.q8_0, "torch"),  # 1.84x / 2.44x
+    "Q4_0": (K.q4_0, "torch"),  # 2.26x / 3.18x
+    "Q4_1": (K.q4_1, "torch"),  # 2.34x / 3.31x
+    "Q5_0": (K.q5_0, "torch"),  # 2.41x / 3.59x
+    "Q5_1": (K.q5_1, "torch"),  # 2.42x / 3.70x
+    "Q2_K": (K.q2_k, "torch"),  # 2.29x / 3.28x
+    "Q3_K": (K.q3_k, "torch"),  # 2.48x / 3.81x
+    "Q4_K": (K.q4_k, "torch"),  # 2.34x / 3.94x
+    "Q5_K": (K.q5_k, "torch"),  # 2.54x / 4.20x
+    "Q6_K": (K.q6_k, "torch"),  # 2.47x / 3.48x
 }
 # quantize: the same measurement of torch over gguf.quants.quantize (4096 x 4096 / 49152 x 576, fp32 input)
 _QUANTIZE = {
     "F32": "torch",  # both hand back the float32 data itself
-    "F16": "torch",  # RATIO_F16
-    "BF16": "torch",  # RATIO_BF16
-    "Q8_0": "torch",  # RATIO_Q8_0
+    "F16": "torch",  # 2.29x / 2.71x
+    "BF16": "torch",  # 3.44x / 1.25x
+    "Q8_0": "torch",  # 1.78x / 2.88x
 }
 
 
@@ -109,7 +113,7 @@ def _impl(impl: str, auto: str) -> str:
 def dequantize(data: np.ndarray, ggml_type: Any, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                impl: Impl = "auto") -> torch.Tensor:
     """The tensor of ``shape`` (PyTorch order) and ``dtype`` held by ``data``, the raw data of a GGUF tensor of
-    type ``ggml_type`` (a ``gguf.GGMLQuantizationType`` or its int): typed or uint8, any shape with the right
+    type ``ggml_type`` (a ``gguf.GGMLQuantizationType``, its int or its name): typed or uint8, any shape with the right
     number of bytes, e.g. ``GGUFTensor.data``.
 
     The values equal ``gguf.quants.dequantize(data, ggml_type)`` bit for bit in float32 (NaN payloads
@@ -134,7 +138,7 @@ def dequantize(data: np.ndarray, ggml_type: Any, shape: tuple[int, ...], dtype: 
 
     out = torch.empty(numel, dtype=dtype)
     # chunks of whole rows where a row fits (numpy's grouping works on rows), else of blocks (a huge 1-D tensor)
-    row = shape[-1] // block_size if shape else 1
+    row = max(1, shape[-1] // block_size) if shape else 1  # blocks per row (an empty row: any)
     budget = max(1, CHUNK_ELEMENTS // block_size)
     chunk = budget // row * row if row <= budget else budget
     staging = torch.empty(min(chunk, n_blocks) * type_size, dtype=torch.uint8)  # reused for every chunk
