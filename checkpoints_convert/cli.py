@@ -6,20 +6,24 @@ import argparse
 import logging
 import sys
 
-COMMANDS = ("meta-to-hf", "hf-to-meta", "llama2c-to-hf", "reshard")
+COMMANDS = ("meta-to-hf", "hf-to-meta", "llama2c-to-hf", "reshard", "hf-to-gguf", "gguf-to-hf")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("command", choices=COMMANDS, help="which conversion")
-    parser.add_argument("--input", required=True, help="input directory (.bin file for llama2c-to-hf)")
-    parser.add_argument("--output", required=True, help="output directory (written atomically)")
-    parser.add_argument("--dtype", help="cast floating-point tensors: float32, bfloat16, float16")
+    parser.add_argument("--input", required=True,
+                        help="input directory (.bin file for llama2c-to-hf, .gguf file for gguf-to-hf)")
+    parser.add_argument("--output", required=True,
+                        help="output directory (a .gguf file for hf-to-gguf), written atomically")
+    parser.add_argument("--dtype", help="cast floating-point tensors: float32, bfloat16, float16; hf-to-gguf: "
+                        "the GGUF tensor type, f32 (default), f16, bf16 or q8_0")
     parser.add_argument("--num-shards", type=int, default=1, help="hf-to-meta: model-parallel ranks")
     parser.add_argument("--max-shard-size", default="5GB", help="HF outputs: e.g. 5GB, 500MB, 2GiB")
     parser.add_argument("--embedding-split-dim", type=int, choices=(0, 1),
                         help="hf-to-meta: shard the embedding by rows (0, Llama 3) or columns (1, Llama 1/2)")
     parser.add_argument("--max-position-embeddings", type=int, help="meta-to-hf: override the context length")
-    parser.add_argument("--tokenizer", help="llama2c-to-hf: a sentencepiece .model to copy in")
+    parser.add_argument("--tokenizer", help="llama2c-to-hf: a sentencepiece .model to copy in; hf-to-gguf: the "
+                        "tokenizer file or directory to embed (default: the input's)")
     tie = parser.add_mutually_exclusive_group()
     tie.add_argument("--tie-embeddings", dest="tie", action="store_true", default=None,
                      help="reshard: drop lm_head.weight (it must equal the embedding)")
@@ -43,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
         elif args.command == "llama2c-to-hf":
             out = convert.llama2c_to_hf(args.input, args.output, args.dtype, args.max_shard_size, args.force,
                                         args.tokenizer, progress)
+        elif args.command == "hf-to-gguf":
+            out = convert.hf_to_gguf(args.input, args.output, args.dtype or "f32", args.force, args.tokenizer, progress)
+        elif args.command == "gguf-to-hf":
+            out = convert.gguf_to_hf(args.input, args.output, args.dtype, args.max_shard_size, args.force, progress)
         else:
             out = convert.reshard(args.input, args.output, args.max_shard_size, args.dtype, args.tie, args.force,
                                   progress)

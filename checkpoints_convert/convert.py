@@ -1,4 +1,5 @@
-"""The four conversions: Meta -> HF, HF -> Meta, llama2.c -> HF, HF -> HF (reshard / cast / tie).
+"""The conversions: Meta -> HF, HF -> Meta, llama2.c -> HF, HF -> HF (reshard / cast / tie), HF -> GGUF and
+GGUF -> HF.
 
 Every one streams from memory-mapped inputs, writes into a temporary directory that replaces the output
 only when complete, refuses a non-empty output unless ``force``, and never writes inside its input.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +20,8 @@ from llama_core.model_io.atomic import atomic_directory
 from llama_core.model_io.dtypes import parse_dtype
 from llama_core.model_io.placement import parse_size
 
+from .gguf import read_gguf
+from .gguf_write import write_gguf
 from .hf import read_hf, with_tied_head, write_hf
 from .llama2c import read_llama2c
 from .meta import config_to_params, default_embedding_split, meta_shard_tensors, read_meta
@@ -104,3 +108,41 @@ def reshard(input_dir: str | Path, output_dir: str | Path, max_shard_size: int |
     if tie_embeddings is not None:
         source = with_tied_head(source, tie_embeddings)
     return write_hf(source, output_dir, max_shard_size, copy_from=input_dir, progress=progress)
+
+
+def hf_to_gguf(input_dir: str | Path, output_file: str | Path, outtype: str = "f32", force: bool = False,
+               tokenizer: str | Path | None = None, progress: bool = True) -> Path:
+    """An HF checkpoint (with its tokenizer and chat template, or ``tokenizer``'s) as one GGUF file that
+    llama.cpp runs; ``outtype`` f32, f16, bf16 or q8_0."""
+    from llama_core.tokenizer import Tokenizer
+    from llama_core.tokenizer.gguf_export import add_tokenizer_metadata
+
+    input_dir, output_file = Path(input_dir), Path(output_file)
+    _check_paths(input_dir, output_file, force)
+    try:
+        tok = Tokenizer.from_pretrained(tokenizer if tokenizer is not None else input_dir)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; llama.cpp needs the vocabulary inside the GGUF: pass --tokenizer") from e
+    source = read_hf(input_dir, torch.float32)  # exact for fp16/bf16 inputs; the output type rounds once
+
+    def add_metadata(writer) -> None:
+        writer.add_name(input_dir.resolve().name)
+        add_tokenizer_metadata(writer, tok)
+
+    return write_gguf(source, output_file, outtype, add_metadata=add_metadata, progress=progress)
+
+
+def gguf_to_hf(input_file: str | Path, output_dir: str | Path, dtype: str | torch.dtype | None = None,
+               max_shard_size: int | str = "5GB", force: bool = False, progress: bool = True) -> Path:
+    """A ``llama`` GGUF as an HF checkpoint, dequantised into ``dtype`` (default: the file's own float type,
+    float32 for a quantised file), with its vocabulary and chat template as tokenizer.json and
+    tokenizer_config.json."""
+    from llama_core.tokenizer.gguf_vocab import save_hf_tokenizer_files
+
+    input_file, output_dir = Path(input_file), Path(output_dir)
+    _check_paths(input_file, output_dir, force)
+    source = read_gguf(input_file, _dtype(dtype))
+    with tempfile.TemporaryDirectory() as tok_dir:
+        files = save_hf_tokenizer_files(input_file, Path(tok_dir))
+        return write_hf(source, output_dir, max_shard_size, extra_files={f.name: f for f in files},
+                        progress=progress)

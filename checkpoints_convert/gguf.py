@@ -27,7 +27,7 @@ from llama_core.model_io.dtypes import parse_dtype
 from llama_core.model_io.gguf_file import GGUFFile, GGUFTensor
 from llama_core.modeling.config import LlamaConfig
 
-from .gguf_quants import dequantize
+from .gguf_quants import DEQUANTIZE_TYPES, dequantize
 from .gguf_rope import llama3_scaling_from_rope_freqs
 from .permute import interleaved_to_half
 from .source import CheckpointSource, TensorSpec
@@ -179,6 +179,9 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Chec
         if name is None or name not in expected:
             raise ValueError(f"{f.path}: tensor {t.name} is not part of a Llama with this metadata "
                              f"({config.num_hidden_layers} layers)")
+        if t.ggml_type.name not in DEQUANTIZE_TYPES:
+            raise ValueError(f"{f.path}: tensor {t.name} has GGML type {t.ggml_type.name}, which llama_core does not "
+                             f"dequantise (supported: {', '.join(DEQUANTIZE_TYPES)})")
         if t.shape != expected[name]:
             raise ValueError(f"{f.path}: tensor {t.name} has shape {list(t.shape)} but the metadata implies "
                              f"{list(expected[name])} (hidden {config.hidden_size}, heads {config.num_attention_heads}"

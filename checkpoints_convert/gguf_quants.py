@@ -83,6 +83,7 @@ _DEQUANT: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor], None], str]] = 
     "Q6_K": (K.q6_k, "torch"),  # 2.47x / 3.48x
 }
 # quantize: the same measurement of torch over gguf.quants.quantize (4096 x 4096 / 49152 x 576, fp32 input)
+DEQUANTIZE_TYPES = tuple(_DEQUANT)  # the GGML type names ``dequantize`` reads
 _QUANTIZE = {
     "F32": "torch",  # both hand back the float32 data itself
     "F16": "torch",  # 2.29x / 2.71x
