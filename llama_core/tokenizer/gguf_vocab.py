@@ -221,12 +221,15 @@ def sentencepiece_json(v: GGUFVocab) -> dict[str, Any]:
     """tokenizer.json of a "llama" vocabulary, encoding as sentencepiece does."""
     assert v.scores is not None
     steps: list[dict[str, Any]] = []
-    if v.remove_extra_whitespaces:  # sentencepiece's normalizer: no spaces at either end, runs become one
-        steps += [{"type": "Replace", "pattern": {"Regex": "^ +| +$"}, "content": ""},
+    if v.remove_extra_whitespaces:  # sentencepiece's normalizer: no leading spaces, runs of spaces become one
+        # \A and \z: tokenizers' regexes are Oniguruma's, where ^ and $ match at every line break.
+        steps += [{"type": "Replace", "pattern": {"Regex": r"\A +"}, "content": ""},
                   {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]
     if v.add_space_prefix:  # the dummy prefix: per stretch of text between special tokens, never on ""
         steps.append({"type": "Prepend", "prepend": _SPACE_MARK})
     steps.append({"type": "Replace", "pattern": {"String": " "}, "content": _SPACE_MARK})
+    if v.remove_extra_whitespaces:  # ... and every trailing "▁" goes, typed ones and the dummy prefix included
+        steps.append({"type": "Replace", "pattern": {"Regex": _SPACE_MARK + r"+\z"}, "content": ""})
     decoders: list[dict[str, Any]] = [{"type": "Replace", "pattern": {"String": _SPACE_MARK}, "content": " "},
                                       {"type": "ByteFallback"}, {"type": "Fuse"}]
     if v.add_space_prefix:
