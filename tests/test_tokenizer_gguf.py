@@ -303,6 +303,27 @@ def test_sentencepiece_style_tokenizer_json_exports(spm_gguf, llama2, tmp_path):
             assert back.encode(text, allow_special=special) == llama2.encode(text, add_bos=False, allow_special=special)
 
 
+@pytest.mark.parametrize("name", ["smol", "spm_gguf"])
+def test_hf_files_from_gguf(name, request, tmp_path, transformers_module):
+    """GGUF -> tokenizer.json + tokenizer_config.json (a GGUF -> HF conversion): transformers and we read them
+    back as the GGUF tokenizer, BOS and chat template included."""
+    from llama_core.tokenizer.gguf_vocab import save_hf_tokenizer_files
+
+    tok = request.getfixturevalue(name)
+    files = save_hf_tokenizer_files(tok.name_or_path if name == "spm_gguf" else SMOLLM2 / SMOLLM2_GGUF, tmp_path)
+    assert [f.name for f in files] == ["tokenizer.json", "tokenizer_config.json"]
+    hf, ref = Tokenizer.from_pretrained(tmp_path), transformers_module.AutoTokenizer.from_pretrained(str(tmp_path))
+    attrs = ("bos_id", "eos_id", "pad_id", "stop_ids", "special_ids", "add_bos_token", "add_eos_token", "chat_template")
+    assert hf.kind == "hf" and [getattr(hf, a) for a in attrs] == [getattr(tok, a) for a in attrs]
+    for text in TEXTS:
+        ids = tok.encode(text, allow_special=True)
+        assert hf.encode(text, allow_special=True) == ids == ids_of(ref(text)), text
+        assert hf.encode(text) == tok.encode(text), text
+    if tok.chat_template is not None:
+        assert hf.apply_chat_template(MESSAGES) == tok.apply_chat_template(MESSAGES) == ids_of(
+            ref.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True))
+
+
 # ---- the pre-tokenizers split as llama.cpp does ------------------------------------------------------------------------
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"

@@ -243,6 +243,11 @@ class HFBackend(Backend):
         # BOS/EOS as the file's post-processor adds them. transformers (5.x) does the same and ignores
         # tokenizer_config.json's add_bos_token/add_eos_token whenever a tokenizer.json is present.
         before, after = added_around_text(tk)
+        # A file whose config names no BOS/EOS still says which token its post-processor adds.
+        if self.bos_id is None and len(before) == 1:
+            self.bos_id = tk.token_to_id(before[0])
+        if self.eos_id is None and len(after) == 1:
+            self.eos_id = tk.token_to_id(after[0])
         self.add_bos = self._flag(before, self.bos_id, "BOS", path)
         self.add_eos = self._flag(after, self.eos_id, "EOS", path)
 

@@ -121,7 +121,7 @@ def _read(f: GGUFFile, source: str) -> GGUFVocab:
     scores = merges = pre = None
     if model == "llama":
         scores = f.get("tokenizer.ggml.scores")
-        if not isinstance(scores, list) or len(scores) != n:
+        if not isinstance(scores, list) or len(scores) != n or not all(isinstance(x, (int, float)) for x in scores):
             raise ValueError(f"{source}: metadata key 'tokenizer.ggml.scores' must be {n} numbers (one per token)")
         scores = [float(s) for s in scores]
     else:
@@ -301,3 +301,34 @@ def load_gguf_backend(path: str | os.PathLike) -> tuple[GGUFBackend, str | None]
     """The backend and chat template of the GGUF file `path`."""
     vocab = read_gguf_vocab(Path(path))
     return GGUFBackend(vocab), vocab.chat_template
+
+
+def save_hf_tokenizer_files(gguf_path: str | os.PathLike, directory: str | os.PathLike) -> list[Path]:
+    """Write the GGUF file's tokenizer as `tokenizer.json` + `tokenizer_config.json` in `directory` (for a GGUF ->
+    HF conversion); transformers and `Tokenizer.from_pretrained` read them back with the GGUF's ids, BOS/EOS and
+    chat template. Returns the two paths."""
+    from tokenizers import processors
+
+    backend, template = load_gguf_backend(gguf_path)
+    v, tk = backend.vocab, backend.tk
+    added = [(what, i) for what, i, on in (("BOS", v.bos_id, v.add_bos), ("EOS", v.eos_id, v.add_eos)) if on]
+    if added:  # BOS / EOS go in the post-processor: with a tokenizer.json, transformers (5.x) looks only there
+        if any(i is None for _, i in added):
+            raise ValueError(f"{gguf_path}: add_bos_token / add_eos_token is set, but the file names no such token")
+        bos = [v.tokens[i] for what, i in added if what == "BOS"]  # type: ignore[index]
+        eos = [v.tokens[i] for what, i in added if what == "EOS"]  # type: ignore[index]
+        tk.post_processor = processors.TemplateProcessing(
+            single=" ".join([*bos, "$A", *eos]), pair=" ".join([*bos, "$A", *eos, *bos, "$B:1", *eos]),
+            special_tokens=[(v.tokens[i], i) for _, i in added])  # type: ignore[index]
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                              "add_bos_token": v.add_bos, "add_eos_token": v.add_eos}
+    for key, i in (("bos_token", v.bos_id), ("eos_token", v.eos_id), ("unk_token", v.unk_id), ("pad_token", v.pad_id)):
+        if i is not None:
+            config[key] = v.tokens[i]
+    if template is not None:
+        config["chat_template"] = template
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tk.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    return [out / "tokenizer.json", out / "tokenizer_config.json"]

@@ -52,6 +52,11 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return read_json_object(path) if path.is_file() else {}
 
 
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def _check_text(text: object) -> str:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}" +
@@ -114,7 +119,7 @@ class Tokenizer:
                                         f"tokenizers), tokenizer.model (sentencepiece, or Llama 3 tiktoken ranks) "
                                         f"and a {GGUF_SUFFIX} file")
             path = found[0]
-        elif path.suffix == GGUF_SUFFIX:
+        elif path.suffix == GGUF_SUFFIX or _is_gguf(path):
             return cls.from_gguf(path, name_or_path=str(path_or_hub_id))
         config = _read_config(directory)
         jinja_file = directory / "chat_template.jinja"
