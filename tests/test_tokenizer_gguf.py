@@ -368,6 +368,22 @@ def test_pre_tokenizers_split_as_llama_cpp(pre, tiny_gpt2, tmp_path):
     assert tok.encode("hello world", add_bos=False) == tiny_gpt2.encode("hello world", add_bos=False)
 
 
+def test_control_and_user_defined_tokens(tiny_gpt2, tmp_path):
+    """Token types decide what is matched whole: control tokens only where special text is allowed (and they are
+    special ids), user-defined ones always (as llama.cpp and transformers' added tokens)."""
+    metadata = gguf_tokenizer_metadata(tiny_gpt2)
+    hello, world = (tiny_gpt2.token_to_id(t) for t in ("hello", "Ġworld"))
+    types = list(metadata["tokenizer.ggml.token_type"].value)
+    types[hello], types[world] = 4, 3  # USER_DEFINED, CONTROL
+    metadata["tokenizer.ggml.token_type"] = GGUFMetadataValue(types, "ARRAY", "INT32")
+    tok = Tokenizer.from_pretrained(write_gguf(tmp_path / "types.gguf", metadata))
+    ids = tok.encode("xhelloy Ġworld", add_bos=False)  # a control token's text, typed, stays text
+    assert hello in ids and world not in ids and tok.decode(ids) == "xhelloy Ġworld"
+    assert world in tok.encode("xhelloy Ġworld", add_bos=False, allow_special=True)
+    assert tok.is_special(world) and not tok.is_special(hello)
+    assert tok.decode([world, hello], skip_special_tokens=True) == "hello"
+
+
 # ---- loading: path forms and bad input -------------------------------------------------------------------------------
 
 def test_from_pretrained_path_forms(smol, tok512, tmp_path):

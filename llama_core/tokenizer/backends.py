@@ -194,11 +194,11 @@ def _post_processor_specs(spec: Any) -> list[dict[str, Any]]:
     return []
 
 
-def added_around_text(tk: Any) -> tuple[list[str], list[str]]:
-    """The special tokens a tokenizer.json post-processor puts before and after a single text (its
+def added_around_text(tk: Any) -> tuple[list[int], list[int]]:
+    """Ids of the special tokens a tokenizer.json post-processor puts before and after a single text (its
     TemplateProcessing `single`, or Bert/Roberta's cls/sep): what transformers adds with add_special_tokens."""
-    before: list[str] = []
-    after: list[str] = []
+    before: list[int] = []
+    after: list[int] = []
     spec = json.loads(tk.post_processor.__getstate__()) if tk.post_processor is not None else None
     for p in _post_processor_specs(spec):
         if p.get("type") == "TemplateProcessing":
@@ -208,11 +208,10 @@ def added_around_text(tk: Any) -> tuple[list[str], list[str]]:
                     seen_text = True
                 elif "SpecialToken" in piece:
                     name = piece["SpecialToken"]["id"]
-                    ids = p.get("special_tokens", {}).get(name, {}).get("tokens", [name])
-                    (after if seen_text else before).extend(ids)
+                    (after if seen_text else before).extend(p.get("special_tokens", {}).get(name, {}).get("ids", []))
         elif p.get("type") in ("BertProcessing", "RobertaProcessing"):
-            before.append(p["cls"][0])
-            after.append(p["sep"][0])
+            before.append(p["cls"][1])
+            after.append(p["sep"][1])
     return before, after
 
 
@@ -234,30 +233,28 @@ class HFBackend(Backend):
                     return tk.token_to_id(name)
             return None
 
+        # BOS/EOS as the file's post-processor adds them. transformers (5.x) does the same and ignores
+        # tokenizer_config.json's add_bos_token/add_eos_token whenever a tokenizer.json is present. A file whose
+        # config names no BOS/EOS still says which token its post-processor adds.
+        before, after = added_around_text(tk)
         self.bos_id = lookup(config.get("bos_token"), "<|begin_of_text|>", "<s>")
+        self.bos_id = before[0] if self.bos_id is None and len(before) == 1 else self.bos_id
         self.eos_id = lookup(config.get("eos_token"), "<|end_of_text|>", "</s>")
+        self.eos_id = after[0] if self.eos_id is None and len(after) == 1 else self.eos_id
+        self.add_bos = self._flag(before, self.bos_id, "BOS", path)
+        self.add_eos = self._flag(after, self.eos_id, "EOS", path)
         # No pad token in Llama tokenizers: Meta's <|finetune_right_pad_id|> where it exists, else EOS.
         self.pad_id = lookup(config.get("pad_token"), "<|finetune_right_pad_id|>")
         self.pad_id = self.eos_id if self.pad_id is None else self.pad_id
         self.stop_ids = _dedupe([self.eos_id, *(self.special_tokens.get(n) for n in _LLAMA3_STOP_NAMES)])
-        # BOS/EOS as the file's post-processor adds them. transformers (5.x) does the same and ignores
-        # tokenizer_config.json's add_bos_token/add_eos_token whenever a tokenizer.json is present.
-        before, after = added_around_text(tk)
-        # A file whose config names no BOS/EOS still says which token its post-processor adds.
-        if self.bos_id is None and len(before) == 1:
-            self.bos_id = tk.token_to_id(before[0])
-        if self.eos_id is None and len(after) == 1:
-            self.eos_id = tk.token_to_id(after[0])
-        self.add_bos = self._flag(before, self.bos_id, "BOS", path)
-        self.add_eos = self._flag(after, self.eos_id, "EOS", path)
 
-    def _flag(self, added: list[str], expected: int | None, what: str, path: Path) -> bool:
-        ids = [self.tk.token_to_id(t) for t in added]
-        if not ids:
+    @staticmethod
+    def _flag(added: list[int], expected: int | None, what: str, path: Path) -> bool:
+        if not added:
             return False
-        if ids == [expected]:
+        if added == [expected]:
             return True
-        raise ValueError(f"{path}: the post-processor adds {added} around the text where llama_core expects "
+        raise ValueError(f"{path}: the post-processor adds ids {added} around the text where llama_core expects "
                          f"only the {what} token (id {expected}); this layout is not supported")
 
     def _setup(self, tk: Any, source: str | Path) -> None:

@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -167,8 +168,6 @@ def _proto_fields(buf: bytes) -> Iterator[tuple[int, Any]]:
 
 
 def _from_sentencepiece(b: SentencePieceBackend, source: str) -> GGUFVocab:
-    import struct
-
     proto = b.sp.serialized_model_proto()
     tokens, scores, types = [], [], []
     normalizer: dict[int, Any] = {}
