@@ -18,7 +18,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:
-        ids = tok.encode(args.prompt, add_bos=True)
+        # BOS as the tokenizer file says (transformers does the same); an empty prompt starts from BOS
+        ids = tok.encode(args.prompt) or ([tok.bos_id] if tok.bos_id is not None else [])
+        if not ids:
+            raise ValueError("the prompt is empty and the tokenizer has no BOS token to start from")
     prompt = torch.tensor([ids], device=model.device)
     decoder = tok.incremental_decoder(skip_special_tokens=True)
     stops = set(tok.stop_ids) | set(model.config.eos_token_ids)
