@@ -131,3 +131,26 @@ def test_hf_to_gguf_refuses_without_a_tokenizer_and_keeps_outputs(tmp_path):
     assert (tmp_path / "old.gguf").read_bytes() == b"keep me"
     hf_to_gguf(hf, tmp_path / "old.gguf", "q8_0", force=True, tokenizer=STORIES / "tok512.model", progress=False)
     assert LlamaForCausalLM.from_pretrained(tmp_path / "old.gguf").config.vocab_size == 512
+
+
+@needs_stories
+def test_fine_tune_from_a_gguf(tmp_path):
+    """`llama-core train --init-from model.gguf`: weights and vocabulary from the one file; the HF export
+    carries the vocabulary as tokenizer files and continues the fine-tuned model."""
+    from llama_core.cli import main
+
+    hf = llama2c_to_hf(STORIES / "stories260K.bin", tmp_path / "hf", tokenizer=STORIES / "tok512.model",
+                       progress=False)
+    model_file = hf_to_gguf(hf, tmp_path / "stories.gguf", progress=False)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.txt").write_text("Once upon a time, there was a cat. The cat liked milk.\n\n" * 20)
+    out = tmp_path / "run"
+    assert main(["train", "--init-from", str(model_file), "--data", str(tmp_path / "data"), "--output-dir", str(out),
+                 "--seq-len", "64", "--global-batch-size", "2", "--micro-batch-size", "1", "--max-steps", "3",
+                 "--lr", "1e-3", "--no-progress"]) == 0
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (out / "hf").iterdir()}
+    assert not list((out / "hf").glob("*.gguf"))
+    tuned, tok = LlamaForCausalLM.from_pretrained(out / "hf"), Tokenizer.from_pretrained(out / "hf")
+    base = LlamaForCausalLM.from_pretrained(model_file)
+    assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    assert tok.encode("The cat liked milk.") == Tokenizer.from_pretrained(model_file).encode("The cat liked milk.")

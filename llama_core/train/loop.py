@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..model_io.gguf_file import find_gguf
 from ..tokenizer import TOKENIZER_FILES
+from ..tokenizer.gguf_vocab import save_hf_tokenizer_files
 from .build import (
     build_model,
     check_model_fits,
@@ -215,6 +217,10 @@ def _report(log: StepLog, bar: tqdm, metrics, cfg: TrainConfig, epoch: float) ->
 def _copy_tokenizer(cfg: TrainConfig, target: Path) -> None:
     """Put the tokenizer beside the exported weights so the export is usable on its own."""
     source = Path(cfg.tokenizer or cfg.init_from)
+    gguf = find_gguf(source) if source.exists() else None
+    if gguf is not None:  # a GGUF's vocabulary and chat template, written out as HF tokenizer files
+        save_hf_tokenizer_files(gguf, target)
+        return
     folder = source if source.is_dir() else source.parent
     names = TOKENIZER_FILES if source.is_dir() else [source.name, "tokenizer_config.json"]
     for name in names:
