@@ -113,6 +113,13 @@ def test_stories260k_hf_to_gguf_runs_in_llama_cpp(tmp_path):
         assert tok.encode(text) == ref_tok.encode(text), text
     ours = model.generate(torch.tensor([[tok.bos_id]]), max_new_tokens=32, eos_token_id=[])[0, 1:].tolist()
     assert tok.decode(ours).startswith("Once upon a time, there was a little girl named Lily.")
+    # ... and back: HF -> GGUF (f32) -> HF files is bit-exact, the tokenizer comes back as tokenizer.json
+    back = gguf_to_hf(out, tmp_path / "back", progress=False)
+    for (name, a), (_, b) in zip(LlamaForCausalLM.from_pretrained(back).state_dict().items(), ref.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+    back_tok = Tokenizer.from_pretrained(back)
+    assert (back / "tokenizer.json").is_file() and all(back_tok.encode(t) == ref_tok.encode(t) for t in TEXTS)
     theirs = llama_cpp_greedy(out, [tok.bos_id], 32)
     if theirs is None:
         pytest.skip("llama_cpp is not installed (see ../shared/wheels/README.md)")
