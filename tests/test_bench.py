@@ -1,5 +1,6 @@
 """llama_core.bench: the machinery runs end to end on `tiny` (one repeat, no timed assertions: speed targets
-live in the recorded results), the transformers side is the same model, and the record renders."""
+live in the recorded results), the transformers and llama.cpp sides run the same model (llama.cpp where its
+binding imports), real checkpoints (HF directory, GGUF) go through --model, and records (old ones too) render."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import pytest
 import torch
 
+from llama_core import LlamaForCausalLM
 from llama_core.bench import (
     KERNEL_BENCHMARKS,
     BenchSettings,
@@ -18,10 +20,18 @@ from llama_core.bench import (
     write_record,
 )
 from llama_core.bench.kernels import rms_norm_rows, rope_rows
+from llama_core.bench.llamacpp import unavailable_reason
+from llama_core.bench.prompts import Prompts
+from llama_core.bench.report import target_lines
 from llama_core.bench.setup import build_pair, same_weights_check
 from llama_core.bench.targets import evaluate
-from llama_core.bench.timing import PeakMemory, interleaved, quantiles
+from llama_core.bench.timing import PeakMemory, interleaved, quantiles, spread
 from llama_core.cli import main
+from tests.conftest import REPO
+
+HAS_LLAMA_CPP = unavailable_reason("cpu") is None
+IMPLS = ("llama_core", "transformers", "llama_cpp") if HAS_LLAMA_CPP else ("llama_core", "transformers")
+needs_llama_cpp = pytest.mark.skipif(not HAS_LLAMA_CPP, reason=f"llama.cpp: {unavailable_reason('cpu')}")
 
 
 def tiny_settings(**overrides) -> BenchSettings:
@@ -56,23 +66,47 @@ def test_transformers_ran_on_the_same_weights(record):
     assert all(r["same_tokens_as_transformers"] for r in decode)  # greedy fp32: token for token
 
 
-def test_every_benchmark_has_both_sides(record):
+def test_every_benchmark_has_every_side(record):
     model = record["models"][0]
-    prefill = {(r["tokens"], r["impl"], r["mode"]) for r in model["prefill"]}
-    assert prefill == {(n, impl, "eager") for n in (8, 24) for impl in ("llama_core", "transformers")}
+    prefill = {(r["tokens"], r["impl"]) for r in model["prefill"]}
+    assert prefill == {(n, impl) for n in (8, 24) for impl in IMPLS}
     decode = {(r["batch"], r["impl"]) for r in model["decode"]}
-    assert decode == {(b, impl) for b in (1, 2) for impl in ("llama_core", "transformers")}
+    # llama.cpp's generate decodes one sequence: batch 1 only
+    assert decode == {(b, impl) for b in (1, 2) for impl in IMPLS if impl != "llama_cpp" or b == 1}
     for r in model["prefill"]:
         assert r["median_s"] > 0 and r["tok_s"] > 0 and r["vs_transformers"] > 0 and r["tflops"] > 0
+        assert r["first_call_s"] > 0 and len(r["vs_transformers_spread"]) == 2
     for r in model["decode"]:  # one repeat of a tiny model: the decode time may drown in noise (flagged)
         assert r["new_tokens"] == 4 and r["generate_s"] > 0
         assert r["reliable"] == (r["p20_s"] > 0 and r["median_s"] > 0)
         if r["median_s"] > 0:
             assert r["tok_s"] > 0 and r["frac_copy_bw"] > 0 and r["gb_s"] > 0
-    ours, theirs = model["load"]
-    assert (ours["impl"], theirs["impl"]) == ("llama_core", "transformers")
+        assert r["first_call_s"] > 0 and r["compile_s"] >= 0
+    assert tuple(r["impl"] for r in model["load"]) == IMPLS
+    ours = model["load"][0]
     assert ours["median_s"] > 0 and ours["peak_rss_bytes"] > 0 and ours["added_rss_bytes"] is not None
     assert "rss_ratio_vs_transformers" in ours
+    assert all(r["median_s"] > 0 and r["file"] for r in model["load"])
+
+
+@needs_llama_cpp
+def test_llama_cpp_ran_the_same_weights(record):
+    """A preset has no tokenizer: llama.cpp gets a GGUF of the same random weights with a placeholder
+    vocabulary; fp32 logits agree and greedy tokens are compared (and on `tiny`, equal)."""
+    model = record["models"][0]
+    (info,) = model["llama_cpp"]["files"]
+    assert info["mode"] == "f32" and info["written_for_run"] and info["kv_cache"] == "f32"
+    assert info["threads"] == torch.get_num_threads() and model["llama_cpp"]["version"]
+    check = model["sanity"]["llama_cpp"]["f32"]
+    assert check["same_argmax"] and check["max_abs_logit_diff"] <= 1e-4
+    (cpp,) = [r for r in model["decode"] if r["impl"] == "llama_cpp"]
+    assert cpp["mode"] == "f32" and cpp["same_tokens_as_transformers"] is True
+    for r in model["decode"] + model["prefill"]:
+        if r["impl"] == "llama_core" and r["batch"] == 1:
+            assert r["vs_llama_cpp"] is None or r["vs_llama_cpp"] > 0
+            assert "vs_llama_cpp_spread" in r
+    for r in (r for r in model["decode"] if r["impl"] == "llama_core" and r["batch"] == 1):
+        assert r["same_tokens_as_llama_cpp"] is True and r["common_prefix_with_llama_cpp"] == r["new_tokens"]
 
 
 def test_record_round_trips_and_renders(record, tmp_path):
@@ -86,6 +120,22 @@ def test_record_round_trips_and_renders(record, tmp_path):
     assert record["environment"]["device"] in md and record["environment"]["git_sha"] in md
     assert "| prompt | implementation |" in md and "| batch | implementation |" in md
     assert md.count("\n| 24 | llama_core eager |") == 1
+    assert "prompts: uniformly random token ids" in md
+    if HAS_LLAMA_CPP:
+        assert "| 24 | llama_cpp f32 |" in md and "speed vs llama.cpp" in md and "same tokens as llama.cpp" in md
+        assert "llama-cpp-python" in md and "llama_cpp f32" in table
+
+
+@pytest.mark.parametrize("name", ["bench-synthetic-100m-amd-epyc.json", "bench-synthetic-100m-amd-epyc-quick.json"])
+def test_committed_records_still_render(name):
+    """Records written before llama.cpp and --model render with their old columns."""
+    path = REPO / "benchmarks" / "results" / name
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    md = render_markdown(load_record(path))
+    assert "llama.cpp" not in md and "| batch | implementation | per step | tok/s | GB/s (of copy bw) | added memory | " \
+        "speed vs transformers | same tokens |" in md
+    assert "synthetic-100m: 100.1M parameters, float32" in md and "synthetic-100m" in format_table(load_record(path))
 
 
 def test_markdown_cli_renders_a_record(record, tmp_path, capsys):
@@ -103,6 +153,24 @@ def test_plots_are_written(record, tmp_path):
     pngs = plot_record(record, write_record(record, tmp_path))
     assert {p.name.rsplit("-", 1)[1] for p in pngs} == {"prefill.png", "decode.png", "load.png"}
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
+    # the series come from the rows: a third library is a third series (llama.cpp's at batch 1 only)
+    from llama_core.bench import plot
+
+    class Axes:
+        def __init__(self):
+            self.labels = []
+
+        def __getattr__(self, name):
+            return lambda *a, **k: self.labels.append(k["label"]) if "label" in k else None
+
+    class Plt:
+        def subplots(self, *a, **k):
+            self.axes = [Axes(), Axes()]
+            return None, self.axes
+
+    fake = Plt()
+    plot._decode(fake, record["models"][0]["decode"])
+    assert set(fake.axes[0].labels) == {f"{impl} eager" if impl != "llama_cpp" else "llama_cpp f32" for impl in IMPLS}
 
 
 def test_different_weights_are_refused(tmp_path):
@@ -115,16 +183,104 @@ def test_different_weights_are_refused(tmp_path):
 
 
 def test_cli_bench_llama_core_only(tmp_path, capsys):
-    args = ["bench", "--preset", "tiny", "--device", "cpu", "--no-transformers", "--no-load", "--repeats", "1",
-            "--prompt-lens", "8", "--batch-sizes", "1", "--decode-tokens", "3", "--decode-prompt-len", "4",
-            "--no-plot", "--output", str(tmp_path)]
+    args = ["bench", "--preset", "tiny", "--device", "cpu", "--no-transformers", "--no-llama-cpp", "--no-load",
+            "--repeats", "1", "--prompt-lens", "8", "--batch-sizes", "1", "--decode-tokens", "3",
+            "--decode-prompt-len", "4", "--no-plot", "--output", str(tmp_path)]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "llama_core eager" in out and "transformers eager" not in out
+    assert "llama_core eager" in out and "transformers eager" not in out and "llama_cpp" not in out
+    assert "llama.cpp: not measured (not requested (--no-llama-cpp))" in out
     (path,) = tmp_path.glob("bench-tiny-*.json")
     rec = load_record(path)
-    assert rec["models"][0]["sanity"] == {"compared": False}
+    assert {k: v for k, v in rec["models"][0]["sanity"].items() if k != "prompts"} == {"compared": False}
+    assert {r["impl"] for r in rec["models"][0]["decode"] + rec["models"][0]["prefill"]} == {"llama_core"}
     assert all(r["vs_transformers"] is None for r in rec["models"][0]["decode"] + rec["models"][0]["prefill"])
+
+
+def _model_args(path, tmp_path, *extra):
+    return ["bench", "--model", str(path), "--device", "cpu", "--repeats", "1", "--prompt-lens", "8",
+            "--batch-sizes", "1", "--decode-tokens", "4", "--decode-prompt-len", "6", "--no-load", "--no-plot",
+            "--output", str(tmp_path / "out"), *extra]
+
+
+def test_model_flag_benchmarks_an_hf_checkpoint(tmp_path, capsys):
+    """--model DIR: real weights instead of a preset, checked against transformers; bf16 gets its own record
+    name, and llama.cpp a bf16 GGUF written from the checkpoint (no tokenizer: random prompt ids)."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    LlamaForCausalLM.from_preset("tiny").save_pretrained(tmp_path / "tiny-hf")
+    assert main(_model_args(tmp_path / "tiny-hf", tmp_path, "--dtype", "bfloat16", "--no-int8")) == 0
+    (path,) = (tmp_path / "out").glob("bench-*.json")
+    assert path.name.startswith("bench-tiny-hf-bfloat16-")
+    (model,) = load_record(path)["models"]
+    assert model["settings"]["name"] == "tiny-hf" and model["settings"]["preset"] is None
+    assert model["weights"] == {"kind": "checkpoint", "name": "tiny-hf", "path": str(tmp_path / "tiny-hf"),
+                                "format": "hf"}
+    assert model["params"] == LlamaForCausalLM.from_preset("tiny").num_parameters()
+    assert model["sanity"]["compared"] and model["sanity"]["ok"]
+    assert "== tiny-hf (HF): " in capsys.readouterr().out
+    impls = {r["impl"] for r in model["decode"]}
+    assert impls == set(IMPLS)
+    if HAS_LLAMA_CPP:
+        (info,) = model["llama_cpp"]["files"]
+        assert (info["mode"], info["kv_cache"], info["written_for_run"]) == ("bf16", "bf16", True)
+        assert model["sanity"]["llama_cpp"]["bf16"]["same_argmax"] is not None
+    assert (tmp_path / "tiny-hf" / "config.json").is_file()  # the user's checkpoint is left alone
+
+
+def test_model_flag_benchmarks_a_gguf_with_int8_and_q8_0(tmp_path):
+    """--model FILE.gguf: an f32 GGUF is llama.cpp's file as it is; --int8 adds llama_core int8-weight-only
+    and llama.cpp Q8_0 (written for the run), compared with each other; the GGUF's vocabulary makes the
+    prompts real text."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from checkpoints_convert.gguf_write import write_gguf
+    from checkpoints_convert.hf import read_hf
+    from llama_core.bench.llamacpp import minimal_vocab
+    from llama_core.tokenizer.gguf_export import add_tokenizer_metadata
+
+    torch.manual_seed(4)
+    LlamaForCausalLM.from_preset("tiny").save_pretrained(tmp_path / "hf")
+    gguf = tmp_path / "tiny-f32.gguf"
+    write_gguf(read_hf(tmp_path / "hf"), gguf, "f32", progress=False,
+               add_metadata=lambda w: add_tokenizer_metadata(w, minimal_vocab(256)))
+    assert main(_model_args(gguf, tmp_path, "--int8")) == 0
+    (path,) = (tmp_path / "out").glob("bench-*.json")
+    assert path.name.startswith("bench-tiny-f32-") and "float32" not in path.name
+    (model,) = load_record(path)["models"]
+    assert model["weights"]["format"] == "gguf" and model["weights"]["gguf_file_type"] == "f32"
+    assert model["sanity"]["compared"] and model["sanity"]["prompts"].startswith("a fixed English text")
+    modes = {(r["impl"], r["mode"]) for r in model["decode"]}
+    assert ("llama_core", "int8-weight-only") in modes
+    if not HAS_LLAMA_CPP:
+        return
+    files = {f["mode"]: f for f in model["llama_cpp"]["files"]}
+    assert not files["f32"]["written_for_run"] and files["f32"]["file"] == gguf.name
+    assert files["q8_0"]["written_for_run"]
+    assert {("llama_cpp", "f32"), ("llama_cpp", "q8_0")} <= modes
+    (int8,) = [r for r in model["decode"] if r["mode"] == "int8-weight-only"]
+    assert int8["same_tokens_as_llama_cpp"] is not None
+    assert int8["vs_llama_cpp"] is None or int8["vs_llama_cpp"] > 0  # one repeat of a tiny model may drown in noise
+    targets = {t["target"].split(",")[0]: t for t in model["targets"]}
+    assert "decode tok/s of int8-weight-only vs llama.cpp Q8_0" in targets and "decode tok/s vs llama.cpp" in targets
+    assert all("within_noise" in t for t in model["targets"] if t["unit"] == "x")
+
+
+def test_prompts_are_text_or_random():
+    class Bytes:  # a tokenizer of the text's UTF-8 bytes
+        def encode(self, text):
+            return list(text.encode())
+
+    g = torch.Generator().manual_seed(0)
+    text = Prompts(256, Bytes())
+    ids = text.ids(3, 40, g)
+    assert text.source == "text" and ids.shape == (3, 40) and bytes(ids[0].tolist()).startswith(b"The lighthouse")
+    assert not torch.equal(ids[0], ids[1]) and torch.equal(ids, text.ids(3, 40, g))
+    assert text.ids(1, 5000, g).shape == (1, 5000)  # repeated to length
+    random = Prompts(100, None)
+    assert random.source == "random" and random.ids(2, 7, torch.Generator().manual_seed(0)).max() < 100
+    assert torch.equal(random.ids(2, 7, torch.Generator().manual_seed(0)),
+                       torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0)))
 
 
 def test_interleaved_rotates_and_pairs_ratios():
@@ -135,6 +291,8 @@ def test_interleaved_rotates_and_pairs_ratios():
     assert calls[3:] == list("abc") + list("bca") + list("cab")  # each goes first once
     cmp.times = {"a": [2.0, 4.0, 6.0], "b": [1.0, 1.0, 3.0], "c": [1.0, 1.0, 1.0]}
     assert cmp.ratio("a", "b") == 2.0 and cmp.median("a") == 4.0
+    assert cmp.ratios("a", "b") == [2.0, 4.0, 2.0] and spread(cmp.ratios("a", "b")) == [2.0, 4.0]
+    assert spread([-1.0, 0.5]) == [0.5, 0.5] and spread([]) is None
     assert quantiles([1.0]) == {"median_s": 1.0, "p20_s": 1.0, "p80_s": 1.0}
 
 
@@ -155,6 +313,28 @@ def test_targets_are_evaluated_from_the_rows():
     results = {t["target"].split(" ")[0] + t["target"].split(",")[-1]: t["ok"] for t in evaluate(model, "cpu")}
     assert list(results.values()) == [False, True, False]
     assert evaluate(model, "cuda") == []
+
+
+def test_llama_cpp_targets_carry_their_noise():
+    model = {"settings": {"preset": None, "name": "m.gguf", "dtype": "bfloat16"},
+             "prefill": [{"impl": "llama_core", "mode": "eager", "vs_transformers": 1.02,
+                          "vs_transformers_spread": [0.97, 1.06]},
+                         {"impl": "llama_cpp", "mode": "bf16", "vs_transformers": 3.0}],
+             "decode": [{"impl": "llama_core", "mode": "eager", "batch": 1, "vs_llama_cpp": 0.6,
+                         "vs_llama_cpp_spread": [0.55, 0.7]},
+                        {"impl": "llama_core", "mode": "compiled", "batch": 1, "vs_llama_cpp": 0.98,
+                         "vs_llama_cpp_spread": [0.9, 1.05]},
+                        {"impl": "llama_core", "mode": "int8-weight-only", "batch": 1, "vs_llama_cpp": 0.85,
+                         "vs_llama_cpp_spread": [0.82, 0.9]},
+                        {"impl": "llama_cpp", "mode": "bf16", "batch": 1}]}
+    prefill, decode, int8 = evaluate(model, "cpu")
+    assert (prefill["ok"], prefill["within_noise"], prefill["spread"]) == (True, True, [0.97, 1.06])
+    assert "compiled" in decode["target"] and (decode["ok"], decode["within_noise"]) == (False, True)
+    assert (int8["ok"], int8["within_noise"], int8["limit"]) == (True, False, 0.8)
+    assert evaluate({**model, "decode": model["decode"][:3], "prefill": model["prefill"][:1]}, "cpu") == []
+    lines = target_lines({"models": [{**model, "targets": [decode]}]})
+    assert lines == ["[MISSED, within noise] decode tok/s vs llama.cpp, batch 1, bfloat16, best llama_core candidate "
+                     "(compiled): 0.98 x (repeats 0.9-1.05) (target 1 x)"]
 
 
 def test_kernel_registry_rows_have_the_common_fields():

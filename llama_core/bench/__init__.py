@@ -1,13 +1,16 @@
-"""``llama-core bench``: llama_core side by side with transformers on the same random weights, in one run.
+"""``llama-core bench``: llama_core side by side with transformers and llama.cpp on the same weights (random
+presets or a real checkpoint), in one run.
 
 Modules, one concept each: ``timing`` (synced, interleaved timing; op timing; peak memory; copy bandwidth),
-``setup`` (settings per device; the model pair, checked equal), ``prefill``, ``decode``, ``loading``
+``setup`` (settings per device; the models, checked equal), ``prompts`` (the token ids every library gets),
+``llamacpp`` (llama.cpp's side: its GGUF, driving the binding), ``prefill``, ``decode``, ``loading``
 (subprocess per load), ``kernels`` and ``int8`` (op sweeps), ``kernel_registry`` (the sweeps a run
 includes), ``environment``, ``targets``, ``report`` (JSON record, table, markdown), ``plot`` and ``run``
 (the whole run).
 
-May import: every other package of llama_core (the model, generation, quant, kernels), transformers and
-matplotlib (the ``bench`` extra, imported where used). Only the CLI imports this package.
+May import: every other package of llama_core (the model, generation, quant, kernels, tokenizer),
+checkpoints_convert (GGUF writing), transformers, matplotlib (the ``bench`` extra) and ``llama_cpp`` (never a
+dependency), the last three imported where used. Only the CLI imports this package.
 
     from llama_core.bench import default_settings, run_bench, format_table
     record = run_bench(default_settings("cpu", quick=True), quick=True)

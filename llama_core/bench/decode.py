@@ -1,11 +1,13 @@
-"""Decode: greedy generation through each library's own ``generate``, at batch 1 and a larger batch.
+"""Decode: greedy generation through each library's own ``generate``, at batch 1 and a larger batch
+(llama.cpp, through its Python binding's ``Llama.generate``, at batch 1 only).
 
 Decode speed is measured differentially, ``(new - 1) * batch / (t(new tokens) - t(1 token))``: both
 ``generate`` calls run the same prefill, so the difference is exactly ``new - 1`` one-token steps (the
 first token comes from the prefill's logits), including each library's per-step overhead (logits
 processing, stopping checks, cache updates), which is what a user of ``generate`` pays.
-Like with like: same prompt, greedy, EOS disabled and ``min_new_tokens`` set, so every candidate produces
-the full count (checked).
+Like with like: same prompt ids, greedy, EOS disabled and ``min_new_tokens`` set, so every candidate produces
+the full count (checked). The first call of each candidate is a warm-up, timed on its own: for a compiled
+candidate it holds the compilation (``compile_s``), which is never part of the speed.
 """
 
 from __future__ import annotations
@@ -17,17 +19,21 @@ from typing import Any
 import torch
 
 from ..generation import generate
+from . import llamacpp
 from .prefill import REFERENCE, Progress
 from .setup import BenchSettings, ModelPair
-from .timing import PeakMemory, interleaved, quantiles
+from .timing import PeakMemory, interleaved, quantiles, spread, time_call
 
 Generate = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every matrix, but of an untied input embedding only the
-    looked-up rows (negligible); a tied embedding is read in full by the lm_head."""
-    total = model.get_memory_footprint(return_buffers=False)
+    """Bytes of weights one decode step reads: every matrix (int8 ones and their scales included), but of an
+    untied input embedding only the looked-up rows (negligible); a tied embedding is read in full by the
+    lm_head."""
+    tensors = {id(t): t for t in model.parameters()}
+    tensors.update({id(b): b for name, b in model.named_buffers() if name.endswith(("weight", "weight_scale"))})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
     if not model.config.tie_word_embeddings:
         emb = model.get_input_embeddings().weight
         total -= emb.numel() * emb.element_size()
@@ -41,41 +47,79 @@ def kv_bytes(model: torch.nn.Module, batch: int, context: float) -> float:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * elt * batch * context
 
 
-def candidates(pair: ModelPair, settings: BenchSettings) -> dict[str, Generate]:
+def candidates(pair: ModelPair, settings: BenchSettings, batch: int) -> dict[str, tuple[Generate, int]]:
+    """name -> (generate(ids, n), bytes of weights one step reads)."""
     ours, theirs = pair.ours, pair.theirs
-    fns: dict[str, Generate] = {
-        "llama_core/eager": lambda ids, n: generate(ours, ids, max_new_tokens=n, eos_token_id=[]),
-    }
-    if settings.compile:  # static cache + the compiled one-token step: CUDA graphs on a GPU, frozen
-        # (oneDNN-prepacked) weights on a CPU, each device's fast path
-        cpu = torch.device(settings.device).type == "cpu"
-        fns["llama_core/compiled-frozen" if cpu else "llama_core/compiled"] = (
-            lambda ids, n: generate(ours, ids, max_new_tokens=n, eos_token_id=[], compile="frozen" if cpu else True))
+    cpu = torch.device(settings.device).type == "cpu"
+
+    def ours_fn(model: torch.nn.Module, compile: bool | str = False) -> tuple[Generate, int]:
+        return (lambda ids, n: generate(model, ids, max_new_tokens=n, eos_token_id=[], compile=compile),
+                weight_bytes(model))
+
+    fns = {"llama_core/eager": ours_fn(ours)}
+    if settings.compile:  # static cache + the compiled one-token step: CUDA graphs on a GPU; on a CPU both the
+        # frozen (oneDNN-prepacked weights) step and the plain one (matrix-vector products as inductor reductions)
+        if cpu:
+            fns["llama_core/compiled-frozen"] = ours_fn(ours, "frozen")
+        fns["llama_core/compiled"] = ours_fn(ours, True)
+    if pair.ours_int8 is not None:
+        fns["llama_core/int8-weight-only"] = ours_fn(pair.ours_int8)
+        if settings.compile:
+            fns["llama_core/int8-weight-only-compiled"] = ours_fn(pair.ours_int8, True)
     if theirs is not None:
         def hf(ids: torch.Tensor, n: int, **kw: Any) -> torch.Tensor:
             return theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                    do_sample=False, eos_token_id=None, pad_token_id=0, **kw)
 
-        fns[REFERENCE] = lambda ids, n: hf(ids, n, disable_compile=True)
+        fns[REFERENCE] = (lambda ids, n: hf(ids, n, disable_compile=True), weight_bytes(ours))
         # transformers compiles its forward automatically for a static cache, but only on accelerators.
-        if settings.compile and torch.device(settings.device).type == "cuda":
-            fns["transformers/static+compile"] = lambda ids, n: hf(ids, n, cache_implementation="static")
+        if settings.compile and not cpu:
+            fns["transformers/static+compile"] = (lambda ids, n: hf(ids, n, cache_implementation="static"),
+                                                  weight_bytes(ours))
+    if batch == 1:  # the binding's generate decodes one sequence
+        for mode, runner in pair.llama_cpp.items():
+            def cpp(ids: torch.Tensor, n: int, runner: llamacpp.LlamaCppModel = runner) -> torch.Tensor:
+                new = torch.tensor([runner.generate(ids[0].tolist(), n)], dtype=ids.dtype, device=ids.device)
+                return torch.cat([ids, new], dim=1)
+
+            fns[f"{llamacpp.IMPL}/{mode}"] = (cpp, runner.weight_bytes)
     return fns
+
+
+def common_prefix(a: torch.Tensor, b: torch.Tensor, start: int) -> int:
+    """New tokens (after ``start``) that two outputs share before they first differ, the minimum over rows."""
+    same = (a[:, start:].cpu() == b[:, start:].cpu()).int().cumprod(dim=1)
+    return int(same.sum(dim=1).min())
+
+
+def versus(decode: dict[str, list[float]], outputs: dict[str, torch.Tensor], name: str, ref: str, key: str,
+           plen: int) -> dict[str, Any]:
+    """``name`` against ``ref``: speed ratio (> 1: faster than ``ref``), its noise and token agreement. The ratio
+    is of median decode times (a per-repeat ratio of two differences amplifies the noise); the per-repeat
+    ratios' [min, max] beside it shows that noise."""
+    if ref not in decode:
+        return {}
+    med, ref_med = statistics.median(decode[name]), statistics.median(decode[ref])
+    ratios = [r / d for r, d in zip(decode[ref], decode[name], strict=True) if d > 0 and r > 0]
+    other = key.removeprefix("vs_")
+    return {key: ref_med / med if med > 0 and ref_med > 0 else None, f"{key}_spread": spread(ratios),
+            f"same_tokens_as_{other}": bool(torch.equal(outputs[name].cpu(), outputs[ref].cpu())),
+            f"common_prefix_with_{other}": common_prefix(outputs[name], outputs[ref], plen)}
 
 
 @torch.inference_mode()
 def bench_decode(pair: ModelPair, settings: BenchSettings, copy_bytes_per_s: float,
                  progress: Progress) -> list[dict[str, Any]]:
-    fns = candidates(pair, settings)
-    vocab, new, plen = pair.ours.config.vocab_size, settings.decode_tokens, settings.decode_prompt_len
+    new, plen = settings.decode_tokens, settings.decode_prompt_len
     g = torch.Generator().manual_seed(settings.seed + 1)
     rows = []
     for batch in settings.batch_sizes:
-        ids = torch.randint(0, vocab, (batch, plen), generator=g).to(settings.device)
-        memory, outputs = {}, {}
-        for name, fn in fns.items():
+        fns = candidates(pair, settings, batch)
+        ids = pair.prompts.ids(batch, plen, g, settings.device)
+        memory, outputs, first = {}, {}, {}
+        for name, (fn, _) in fns.items():
             progress(f"decode batch {batch} {name}: warm-up")
-            fn(ids, new)  # warm-up and compilation
+            first[name] = time_call(lambda fn=fn, ids=ids: fn(ids, new), settings.device)  # warm-up, compilation
             with PeakMemory(settings.device) as mem:
                 out = fn(ids, new)
             fn(ids, 1)
@@ -83,7 +127,7 @@ def bench_decode(pair: ModelPair, settings: BenchSettings, copy_bytes_per_s: flo
                 raise RuntimeError(f"{name} generated {tuple(out.shape)} tokens, expected {(batch, plen + new)}")
             memory[name], outputs[name] = mem, out
         calls = {}
-        for name, fn in fns.items():
+        for name, (fn, _) in fns.items():
             calls[f"{name}@{new}"] = lambda fn=fn, ids=ids: fn(ids, new)
             calls[f"{name}@1"] = lambda fn=fn, ids=ids: fn(ids, 1)
         progress(f"decode batch {batch}: timing")
@@ -91,28 +135,32 @@ def bench_decode(pair: ModelPair, settings: BenchSettings, copy_bytes_per_s: flo
         decode = {name: [a - b for a, b in zip(cmp.times[f"{name}@{new}"], cmp.times[f"{name}@1"], strict=True)]
                   for name in fns}
         steps = new - 1
-        step_bytes = weight_bytes(pair.ours) + kv_bytes(pair.ours, batch, plen + new / 2)
-        for name in fns:
+
+        for name, (_, wbytes) in fns.items():
             impl, mode = name.split("/")
             stats = quantiles(decode[name])
             # A difference of two noisy times can come out <= 0 when the steps are short next to the noise
             # (tiny models, a busy machine): then there is no speed to report, only the flag.
-            ok = stats["median_s"] > 0
             med = stats["median_s"]
-            ref = statistics.median(decode[REFERENCE]) if REFERENCE in decode else None
-            gbs = step_bytes * steps / med if ok else None
-            rows.append({
+            ok = med > 0
+            # every library's KV cache is in the run's dtype (llama.cpp's is set so)
+            gbs = (wbytes + kv_bytes(pair.ours, batch, plen + new / 2)) * steps / med if ok else None
+            generate_s = statistics.median(cmp.times[f"{name}@{new}"])
+            row = {
                 "bench": "decode", "batch": batch, "prompt_tokens": plen, "new_tokens": new, "impl": impl,
                 "mode": mode, **stats, "reliable": ok and stats["p20_s"] > 0,
                 "tok_s": batch * steps / med if ok else None, "ms_per_step": med / steps * 1e3,
-                "generate_s": statistics.median(cmp.times[f"{name}@{new}"]),
+                "generate_s": generate_s, "first_call_s": first[name],
+                # the first call's excess over a steady one: compilation (and one-off warm-up) time
+                "compile_s": max(first[name] - generate_s, 0.0),
                 "gb_s": gbs / 1e9 if ok else None, "frac_copy_bw": gbs / copy_bytes_per_s if ok else None,
                 "peak_mem_bytes": memory[name].peak, "added_mem_bytes": memory[name].added,
-                # > 1: faster than transformers' generate (ratio of median decode times; a per-repeat ratio
-                # of two differences would amplify the noise)
-                "vs_transformers": ref / med if ok and ref is not None and ref > 0 else None,
-                "same_tokens_as_transformers": bool(torch.equal(outputs[name].cpu(), outputs[REFERENCE].cpu()))
-                if REFERENCE in outputs else None,
-            })
+                "vs_transformers": None, "same_tokens_as_transformers": None,
+                **versus(decode, outputs, name, REFERENCE, "vs_transformers", plen),
+            }
+            if impl == "llama_core" and pair.llama_cpp:
+                row.update(versus(decode, outputs, name, llamacpp.counterpart(mode, settings.dtype), "vs_llama_cpp",
+                                  plen))
+            rows.append(row)
         progress(f"decode batch {batch}: done")
     return rows

@@ -65,4 +65,14 @@ def environment(device: str) -> dict[str, Any]:
         "platform": platform.platform(),
         "git_sha": git_sha(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # what else was running: on a shared machine, the first thing to read beside a surprising number
+        "load_average": load_average(),
     }
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (as ``uptime`` prints them), None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .report import Record, hardware
+from .environment import slug
+from .report import Record, hardware, model_name
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +33,15 @@ def plot_record(record: Record, record_path: Path) -> list[Path]:
     written = []
     subtitle = hardware(record)
     for m in record["models"]:
-        preset = m["settings"]["preset"]
+        name = model_name(m)
+        stem = slug(name.removesuffix(".gguf"))
         for bench, draw in (("prefill", _prefill), ("decode", _decode), ("load", _load)):
             rows = m.get(bench)
             if not rows:
                 continue
             fig, _ = draw(plt, rows)
-            title = f"{preset} {bench} ({m['settings']['dtype']})\n{subtitle}"
-            written.append(_save(plt, fig, title, record_path.with_name(f"{record_path.stem}-{preset}-{bench}.png")))
+            title = f"{name} {bench} ({m['settings']['dtype']})\n{subtitle}"
+            written.append(_save(plt, fig, title, record_path.with_name(f"{record_path.stem}-{stem}-{bench}.png")))
     for name, rows in record.get("kernels", {}).items():
         if rows:
             fig, ax = plt.subplots(figsize=(8, 4))
@@ -87,12 +89,11 @@ def _decode(plt: Any, rows: list[dict[str, Any]]) -> tuple[Any, Any]:
     width = 0.8 / max(len(series), 1)
     for i, (name, sel) in enumerate(series.items()):
         by_batch = {r["batch"]: r for r in sel}
-        xs = [j + i * width for j in range(len(batches))]
-        def value(b: int, key: str, by_batch: dict = by_batch) -> float:  # None (drowned in noise) -> 0
-            return (by_batch[b].get(key) or 0) if b in by_batch else 0
-
-        axes[0].bar(xs, [value(b, "tok_s") for b in batches], width, label=name)
-        axes[1].bar(xs, [value(b, "frac_copy_bw") for b in batches], width, label=name)
+        # bars only where the library ran (llama.cpp: batch 1); None (drowned in noise) -> 0
+        xs = [j + i * width for j, b in enumerate(batches) if b in by_batch]
+        axes[0].bar(xs, [by_batch[b].get("tok_s") or 0 for b in batches if b in by_batch], width, label=name)
+        axes[1].bar(xs, [by_batch[b].get("frac_copy_bw") or 0 for b in batches if b in by_batch], width,
+                    label=name)
     for ax, label in zip(axes, ("tokens/s", "fraction of copy bandwidth"), strict=True):
         ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
         ax.set_ylabel(label)

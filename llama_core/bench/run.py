@@ -1,5 +1,5 @@
-"""One benchmark run: every preset's prefill, decode and load benchmarks side by side with transformers,
-the kernel microbenchmarks on a GPU, and the record that holds them."""
+"""One benchmark run: every model's (preset or --model) prefill, decode and load benchmarks side by side with
+transformers and llama.cpp, the kernel microbenchmarks on a GPU, and the record that holds them."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..model_io.gguf_file import find_gguf
+from . import llamacpp
 from .decode import bench_decode
-from .environment import environment
+from .environment import environment, load_average
 from .kernel_registry import run_kernel_benchmarks
 from .loading import bench_load
 from .prefill import bench_prefill
 from .report import Record
-from .setup import BenchSettings, build_pair
+from .setup import BenchSettings, ModelPair, build_pair
 from .targets import evaluate
 from .timing import copy_bandwidth
 
@@ -63,6 +65,7 @@ def run_bench(settings: list[BenchSettings], kernels: bool | None = None, quick:
             note("kernels")
             record["kernels"] = run_kernel_benchmarks(device, quick, progress=note)
             bar.update()
+        record["load_average_end"] = load_average()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         bar.close()
@@ -70,25 +73,44 @@ def run_bench(settings: list[BenchSettings], kernels: bool | None = None, quick:
 
 
 def _bench_model(s: BenchSettings, copy_bytes_per_s: float, workdir: Path, note, bar) -> dict[str, Any]:
-    note(f"{s.preset}: building, saving, loading into transformers")
+    note(f"{s.name}: loading into llama_core and transformers" + (" and llama.cpp" if s.llama_cpp else ""))
     pair = build_pair(s, workdir)
     bar.update()
     model: dict[str, Any] = {"settings": s.to_dict(), "params": pair.ours.num_parameters(),
-                             "sanity": pair.sanity}
-    if s.prompt_lens:
-        model["prefill"] = bench_prefill(pair, s, note)
-        bar.update()
-    if s.batch_sizes:
-        model["decode"] = bench_decode(pair, s, copy_bytes_per_s, note)
-        bar.update()
-    checkpoint = pair.checkpoint
-    del pair  # free both models before the load subprocesses need the memory
+                             "sanity": pair.sanity, "weights": _weights(s, pair)}
+    model["llama_cpp"] = ({"version": llamacpp.version(), "files": [r.info() for r in pair.llama_cpp.values()]}
+                          if pair.llama_cpp else {"skipped": pair.llama_cpp_skipped})
+    llama_cpp_file = next((r.path for mode, r in pair.llama_cpp.items() if mode != llamacpp.Q8_0), None)
+    try:
+        if s.prompt_lens:
+            model["prefill"] = bench_prefill(pair, s, note)
+            bar.update()
+        if s.batch_sizes:
+            model["decode"] = bench_decode(pair, s, copy_bytes_per_s, note)
+            bar.update()
+    finally:
+        pair.close()
+    checkpoint, owned = pair.checkpoint, pair.owned
+    del pair  # free every model before the load subprocesses need the memory
     gc.collect()
     if torch.device(s.device).type == "cuda":
         torch.cuda.empty_cache()
     if s.load:
-        model["load"] = bench_load(checkpoint, s, note)
+        model["load"] = bench_load(checkpoint, s, note, llama_cpp_file)
         bar.update()
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    if owned:  # a preset's temporary checkpoint; never the user's --model
+        shutil.rmtree(checkpoint, ignore_errors=True)
     bar.update()
     return model
+
+
+def _weights(s: BenchSettings, pair: ModelPair) -> dict[str, Any]:
+    """What the record says the weights are: random-init preset, or the --model file and its format."""
+    if s.model is None:
+        return {"kind": "random", "preset": s.preset, "seed": s.seed}
+    gguf = find_gguf(pair.checkpoint)
+    out = {"kind": "checkpoint", "name": s.name, "path": str(pair.checkpoint),
+           "format": "gguf" if gguf is not None else "hf"}
+    if gguf is not None:
+        out["gguf_file_type"] = llamacpp.gguf_file_type(gguf)
+    return out

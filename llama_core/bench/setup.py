@@ -1,5 +1,5 @@
-"""What to benchmark where: settings per device, and the model pair (llama_core and transformers on the
-same weights, checked equal before anything is timed)."""
+"""What to benchmark where: settings per device, and the models (llama_core, transformers and llama.cpp on the
+same weights: a random-init preset or real weights from ``--model``, checked equal before anything is timed)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,23 @@ from typing import Any
 
 import torch
 
+from ..model_io.gguf_file import find_gguf
 from ..modeling.model import LlamaForCausalLM
+from . import llamacpp
+from .prompts import Prompts, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class BenchSettings:
-    """One benchmark run of one preset. Defaults come from :func:`default_settings`."""
+    """One benchmark run of one model: a random-init ``preset``, or real weights from ``model`` (an HF checkpoint
+    directory or a GGUF file; then ``preset`` is None). Defaults come from :func:`default_settings`."""
 
-    preset: str
+    preset: str | None
     device: str
     dtype: str
+    model: str | None = None
     layers: int | None = None  # override num_hidden_layers (a shallower model of the same width)
     prompt_lens: list[int] = field(default_factory=lambda: [128, 512])
     decode_prompt_len: int = 64
@@ -31,12 +36,24 @@ class BenchSettings:
     repeats: int = 3
     compile: bool = False  # llama_core compiled prefill/decode (and transformers' static cache + compile)
     transformers: bool = True
+    llama_cpp: bool = True  # llama.cpp as a third library, where its binding imports and the device is a CPU
+    int8: bool = False  # also llama_core int8-weight-only (and llama.cpp Q8_0 beside it)
     load: bool = True
     quick: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if (self.preset is None) == (self.model is None):
+            raise ValueError(f"benchmark settings need exactly one of preset and model (got {self.preset!r} and "
+                             f"{self.model!r})")
+
+    @property
+    def name(self) -> str:
+        """What the record calls the model: the preset, or the checkpoint's file or directory name."""
+        return self.preset if self.model is None else Path(self.model).name
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "name": self.name}
 
 
 def default_device() -> str:
@@ -65,38 +82,96 @@ def default_settings(device: str, quick: bool) -> list[BenchSettings]:
 
 @dataclass
 class ModelPair:
-    """llama_core's model and transformers' (None when not compared) on the same weights."""
+    """The models of one benchmark on the same weights: llama_core's, transformers' (None when not compared),
+    llama.cpp's (by GGUF type; empty when not measured) and, with ``int8``, llama_core int8-weight-only."""
 
     ours: LlamaForCausalLM
     theirs: Any
-    checkpoint: Path  # the saved checkpoint both were loaded from (also used by the load benchmark)
+    checkpoint: Path  # what llama_core and transformers loaded (also used by the load benchmark)
+    owned: bool  # the checkpoint is a temporary of this run (a preset saved), not the user's --model
+    prompts: Prompts
     sanity: dict[str, Any]
+    ours_int8: LlamaForCausalLM | None = None
+    llama_cpp: dict[str, llamacpp.LlamaCppModel] = field(default_factory=dict)
+    llama_cpp_skipped: str | None = None  # why llama.cpp is not measured, if it is not
+
+    def close(self) -> None:
+        for runner in self.llama_cpp.values():
+            runner.close()
+        self.llama_cpp.clear()
 
 
 def build_pair(settings: BenchSettings, workdir: Path) -> ModelPair:
-    """Random-init the preset, save it, load it back into llama_core and (optionally) transformers, and
-    check their logits agree on a random prompt: a benchmark of two different models would be meaningless."""
+    """llama_core's model (a preset, random-init and saved; or ``settings.model`` loaded), transformers' from
+    the same checkpoint, llama.cpp's from a GGUF of it; logits checked to agree before anything is timed: a
+    benchmark of different models would be meaningless."""
     dtype = getattr(torch, settings.dtype)
-    overrides = {"num_hidden_layers": settings.layers} if settings.layers else {}
-    torch.manual_seed(settings.seed)
-    with torch.device(settings.device):
-        model = LlamaForCausalLM.from_preset(settings.preset, **overrides).to(dtype)
-    checkpoint = Path(tempfile.mkdtemp(prefix=f"{settings.preset}-", dir=workdir))
-    model.save_pretrained(checkpoint)
-    ours = model.eval()
-    theirs = None
-    if settings.transformers:
-        theirs = load_transformers(checkpoint, dtype, settings.device)
-    return ModelPair(ours, theirs, checkpoint, same_weights_check(ours, theirs, settings))
+    if settings.model is None:
+        overrides = {"num_hidden_layers": settings.layers} if settings.layers else {}
+        torch.manual_seed(settings.seed)
+        with torch.device(settings.device):
+            model = LlamaForCausalLM.from_preset(settings.preset, **overrides).to(dtype)
+        checkpoint = Path(tempfile.mkdtemp(prefix=f"{settings.preset}-", dir=workdir))
+        model.save_pretrained(checkpoint)
+        ours, tokenizer, owned = model.eval(), None, True
+    else:
+        if settings.layers:
+            raise ValueError("--layers changes a preset's shape; it does not apply to --model")
+        checkpoint, owned = Path(settings.model).expanduser(), False
+        ours = LlamaForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=settings.device).eval()
+        tokenizer = load_tokenizer(checkpoint)
+    prompts = Prompts(ours.config.vocab_size, tokenizer)
+    theirs = load_transformers(checkpoint, dtype, settings.device) if settings.transformers else None
+    check_ids = prompts.ids(2, 16, torch.Generator().manual_seed(settings.seed), settings.device)
+    pair = ModelPair(ours, theirs, checkpoint, owned, prompts, same_weights_check(ours, theirs, settings, check_ids))
+    pair.sanity["prompts"] = prompts.describe()
+    if settings.int8:
+        pair.ours_int8 = LlamaForCausalLM.from_pretrained(checkpoint, dtype=dtype, device=settings.device,
+                                                          quantize="int8-weight-only").eval()
+    attach_llama_cpp(pair, settings, tokenizer, workdir)
+    return pair
+
+
+def attach_llama_cpp(pair: ModelPair, settings: BenchSettings, tokenizer: Any, workdir: Path) -> None:
+    """Open llama.cpp on GGUFs of the pair's weights (the run's float type, and Q8_0 with ``int8``) and check
+    its logits against ours; or record why not."""
+    pair.llama_cpp_skipped = llamacpp.unavailable_reason(settings.device, settings.llama_cpp)
+    if pair.llama_cpp_skipped is not None:
+        logger.info("llama.cpp not measured: %s", pair.llama_cpp_skipped)
+        return
+    longest = max([*settings.prompt_lens, settings.decode_prompt_len + settings.decode_tokens])
+    kv = llamacpp.float_type(settings.dtype)
+    ids = pair.prompts.ids(1, settings.decode_prompt_len, torch.Generator().manual_seed(settings.seed + 2))
+    checks = {}
+    for outtype in (kv, llamacpp.Q8_0) if settings.int8 else (kv,):
+        path, written = llamacpp.prepare_gguf(pair.checkpoint, outtype, settings.dtype, tokenizer, workdir,
+                                                settings.name)
+        runner = llamacpp.LlamaCppModel(path, outtype, n_ctx=longest + 1, n_batch=max([*settings.prompt_lens, 512]),
+                                        kv_dtype=kv, written=written)
+        pair.llama_cpp[outtype] = runner
+        model = pair.ours_int8 if outtype == llamacpp.Q8_0 else pair.ours
+        checks[outtype] = llamacpp.logits_check(runner, model, ids, strict=outtype == "f32")
+    pair.sanity["llama_cpp"] = checks
+
+
+def transformers_from_pretrained(checkpoint: str | Path, dtype: torch.dtype, device: str) -> Any:
+    """transformers' LlamaForCausalLM of an HF directory or a GGUF file (``gguf_file=``: it dequantises into
+    ``dtype``)."""
+    import transformers
+
+    gguf = find_gguf(checkpoint)
+    where = {"pretrained_model_name_or_path": checkpoint} if gguf is None else {
+        "pretrained_model_name_or_path": gguf.parent, "gguf_file": gguf.name}
+    return transformers.LlamaForCausalLM.from_pretrained(**where, dtype=dtype, attn_implementation="sdpa",
+                                                         **transformers_placement(device)).to(device)
 
 
 def load_transformers(checkpoint: Path, dtype: torch.dtype, device: str) -> Any:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    model = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa",
-                                                          **transformers_placement(device))
-    model = model.to(device)
+    transformers.utils.logging.disable_progress_bar()  # its GGUF reader draws bars over our progress line
+    model = transformers_from_pretrained(checkpoint, dtype, device)
     # Greedy and no EOS stop from the saved generation config: decoding must produce the full count.
     model.generation_config.do_sample = False
     model.generation_config.eos_token_id = None
@@ -115,12 +190,15 @@ def transformers_placement(device: str) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def same_weights_check(ours: LlamaForCausalLM, theirs: Any, settings: BenchSettings) -> dict[str, Any]:
-    """Max |logit difference| and argmax agreement on a random prompt; raises if fp32 logits disagree."""
+def same_weights_check(ours: LlamaForCausalLM, theirs: Any, settings: BenchSettings,
+                       ids: torch.Tensor | None = None) -> dict[str, Any]:
+    """Max |logit difference| and argmax agreement on ``ids`` (default: a random ``[2, 16]`` prompt); raises if
+    fp32 logits disagree."""
     if theirs is None:
         return {"compared": False}
-    g = torch.Generator().manual_seed(settings.seed)
-    ids = torch.randint(0, ours.config.vocab_size, (2, 16), generator=g).to(settings.device)
+    if ids is None:
+        g = torch.Generator().manual_seed(settings.seed)
+        ids = torch.randint(0, ours.config.vocab_size, (2, 16), generator=g).to(settings.device)
     a, b = ours(ids).logits.float(), theirs(ids).logits.float()
     diff = (a - b).abs().max().item()
     agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()

@@ -75,7 +75,11 @@ class Comparison:
 
     def ratio(self, slower: str, faster: str) -> float:
         """Median over repeats of ``time[slower] / time[faster]`` (> 1: ``faster`` is faster)."""
-        return statistics.median(a / b for a, b in zip(self.times[slower], self.times[faster], strict=True))
+        return statistics.median(self.ratios(slower, faster))
+
+    def ratios(self, slower: str, faster: str) -> list[float]:
+        """``time[slower] / time[faster]`` of each repeat: their spread is the ratio's noise."""
+        return [a / b for a, b in zip(self.times[slower], self.times[faster], strict=True)]
 
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str, repeats: int,
@@ -93,6 +97,12 @@ def interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str
         if on_repeat is not None:
             on_repeat()
     return result
+
+
+def spread(ratios: list[float]) -> list[float] | None:
+    """[min, max] of per-repeat ratios (None without any): a target inside it is not told apart from noise."""
+    values = [r for r in ratios if r > 0]  # a decode difference drowned in noise gives no ratio
+    return [min(values), max(values)] if values else None
 
 
 class PeakMemory:

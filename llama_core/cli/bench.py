@@ -7,6 +7,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import torch
+
 from ..modeling.presets import preset_names
 
 
@@ -21,14 +23,19 @@ def _ints(text: str) -> list[int]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark llama_core against transformers on the same weights",
+    p = sub.add_parser("bench", help="benchmark llama_core against transformers and llama.cpp on the same weights",
                        description="Prefill, decode, load and kernel benchmarks of random-weight Llama-shaped "
-                       "models, side by side with transformers in one run. Prints a table, writes a JSON record "
-                       "and PNG plots. Defaults suit the device found (CPU: synthetic-100m in fp32).")
+                       "models (--preset) or real weights (--model), side by side with transformers and, on a CPU "
+                       "where the llama_cpp binding imports, llama.cpp, in one run. Prints a table, writes a JSON "
+                       "record and PNG plots. Defaults suit the device found (CPU: synthetic-100m in fp32).")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats (under 2 minutes on a 2-core CPU)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--preset", action="append", choices=preset_names(), help="model shape (repeatable)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--model", action="append", metavar="PATH",
+                   help="real weights instead of a preset: an HF checkpoint directory or a GGUF file (repeatable; "
+                   "with --preset, both are run)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="what every library computes in (a quantised GGUF is dequantised into it)")
     p.add_argument("--layers", type=int, help="override num_hidden_layers (a shallower model, same width)")
     p.add_argument("--prompt-lens", type=_ints, help="prefill prompt lengths, e.g. 128,512,2048")
     p.add_argument("--decode-tokens", type=int, help="new tokens per generate call")
@@ -37,7 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time llama_core compiled (and transformers static cache + compile on GPU)")
-    p.add_argument("--no-transformers", action="store_true", help="llama_core only")
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
+                   help="also llama_core int8-weight-only, beside llama.cpp Q8_0 (default: on for --model on a CPU)")
+    p.add_argument("--threads", type=int, help="torch threads, and llama.cpp's (default: torch's default)")
+    p.add_argument("--no-transformers", action="store_true", help="no transformers side")
+    p.add_argument("--no-llama-cpp", action="store_true", help="no llama.cpp side (it runs on a CPU where the "
+                   "llama_cpp binding imports)")
     p.add_argument("--no-load", action="store_true", help="skip the checkpoint load benchmark")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="op microbenchmarks (default: on CUDA only)")
@@ -59,16 +71,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
     if args.decode_tokens is not None and args.decode_tokens < 2:  # decode speed = t(n) - t(1) over n - 1 steps
         raise ValueError(f"--decode-tokens must be >= 2, got {args.decode_tokens}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = args.device or bench.default_device()
     settings = bench.default_settings(device, args.quick)
-    if args.preset:  # the device's defaults, for each named shape
-        settings = [dataclasses.replace(settings[0], preset=name) for name in args.preset]
+    if args.preset or args.model:  # the device's defaults, for each named shape and each checkpoint
+        for path in args.model or []:
+            if not Path(path).expanduser().exists():
+                raise FileNotFoundError(f"--model {path}: no such file or directory")
+        cpu = torch.device(device).type == "cpu"
+        settings = ([dataclasses.replace(settings[0], preset=name) for name in args.preset or []]
+                    + [dataclasses.replace(settings[0], preset=None, model=path, int8=cpu and not args.quick)
+                       for path in args.model or []])
     overrides = {"dtype": args.dtype, "layers": args.layers, "prompt_lens": args.prompt_lens,
                  "decode_tokens": args.decode_tokens, "decode_prompt_len": args.decode_prompt_len,
-                 "batch_sizes": args.batch_sizes, "repeats": args.repeats, "compile": args.compile}
+                 "batch_sizes": args.batch_sizes, "repeats": args.repeats, "compile": args.compile,
+                 "int8": args.int8}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.no_transformers:
         overrides["transformers"] = False
+    if args.no_llama_cpp:
+        overrides["llama_cpp"] = False
     if args.no_load:
         overrides["load"] = False
     settings = [dataclasses.replace(s, **overrides) for s in settings]
