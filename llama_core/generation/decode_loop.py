@@ -19,14 +19,17 @@ if TYPE_CHECKING:
     from .plan import Plan, Tokenizer
 
 # torch.compile options for the one-token decode step; the prefill always runs eagerly (its shape varies).
-COMPILE_OPTIONS: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": True}
+# dynamic=False: each model (and batch size) gets a graph specialised to its shapes. Left to dynamo, a second
+# shape in one process turns the dimensions symbolic: slower generic kernels, and SDPA refuses a symbolic
+# enable_gqa flag.
+COMPILE_OPTIONS: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
 # compile="frozen": inductor's freezing treats the weights as constants, folds them into the graph and, on a
 # CPU, prepacks them for oneDNN's matmuls instead of MKL's gemv (which ran single-threaded at ~12 GB/s on a
 # 2-core EPYC with 32 GB/s of memory bandwidth). Measured on a 100M fp32 model there, same tokens as eager:
 # one-token steps 1.05-1.15x faster at batch 1, 1.25x at batch 8, for ~250 MB more RSS (the packed copies).
 # No CUDA graphs with it (mode and options exclude each other). Weights changed after compiling are not
 # seen (dynamo does not guard on tensor values): for inference only.
-FROZEN_COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True, "options": {"freezing": True}}
+FROZEN_COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True, "dynamic": False, "options": {"freezing": True}}
 
 
 def _decode_step(model: torch.nn.Module, cache: Any, tokens: Tensor, position_ids: Tensor,

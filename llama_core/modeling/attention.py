@@ -19,6 +19,7 @@ from kernels._runtime import use_triton_op
 
 from .cache import Cache
 from .config import LlamaConfig
+from .linear import linear
 from .rope import RopeAngles, apply_rope
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -104,9 +105,9 @@ class Attention(nn.Module):
                 cache_position: Tensor | None = None) -> Tensor:
         b, t, _ = x.shape
         # -1, not num_heads: under tensor parallelism the projections give this rank's heads only
-        q = self.q_proj(x).view(b, t, -1, self.head_dim)  # [b, t, h, d]
-        k = self.k_proj(x).view(b, t, -1, self.head_dim)  # [b, t, h_kv, d]
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, h_kv, t, d]
+        q = linear(self.q_proj, x, self.kernels).view(b, t, -1, self.head_dim)  # [b, t, h, d]
+        k = linear(self.k_proj, x, self.kernels).view(b, t, -1, self.head_dim)  # [b, t, h_kv, d]
+        v = linear(self.v_proj, x, self.kernels).view(b, t, -1, self.head_dim).transpose(1, 2)  # [b, h_kv, t, d]
         q, k = self._rotate(q, k, rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)
@@ -114,7 +115,7 @@ class Attention(nn.Module):
             k = apply_rope(k, rope.key_cos, rope.key_sin)
         dropout = self.dropout if self.training else 0.0
         out = ATTENTION_BACKENDS[self.backend](q, k, v, mask, self.scale, dropout)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))  # [b, t, h * d] -> [b, t, hidden]
+        return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), self.kernels)  # -> [b, t, hidden]
 
     def _rotate(self, q: Tensor, k: Tensor, rope: RopeAngles) -> tuple[Tensor, Tensor]:
         """``q [b, t, h, d]``, ``k [b, t, h_kv, d]`` -> rotated ``[b, h, t, d]``, ``[b, h_kv, t, d]``.

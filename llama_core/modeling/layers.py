@@ -11,6 +11,7 @@ from kernels._runtime import use_triton_op
 from .attention import Attention
 from .cache import Cache
 from .config import LlamaConfig
+from .linear import linear
 from .rope import RopeAngles
 
 
@@ -55,12 +56,14 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.kernels = config.kernels
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear(self.gate_proj, x, self.kernels), linear(self.up_proj, x, self.kernels)
+        return linear(self.down_proj, F.silu(gate) * up, self.kernels)
 
 
 class DecoderLayer(nn.Module):

@@ -13,6 +13,7 @@ from .attention import build_attention_mask
 from .cache import Cache, DynamicCache, StaticCache
 from .config import LlamaConfig
 from .layers import DecoderLayer, RMSNorm
+from .linear import linear
 from .outputs import BaseModelOutput, CausalLMOutput
 from .pretrained import LlamaPreTrainedModel
 from .rope import RotaryEmbedding
@@ -135,7 +136,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h.to(self.lm_head.weight.device))
+        logits = linear(self.lm_head, h.to(self.lm_head.weight.device), self.config.kernels)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits, loss, out.past_key_values, out.hidden_states)
 

@@ -18,7 +18,7 @@ from kernels._runtime import KERNEL_SETTINGS
 
 from .attention import ATTN_IMPLEMENTATIONS, Attention
 from .config import LlamaConfig
-from .layers import RMSNorm
+from .layers import MLP, RMSNorm
 
 logger = logging.getLogger(__name__)
 
@@ -154,12 +154,13 @@ class LlamaPreTrainedModel(nn.Module):
                 module.backend = name
 
     def set_kernels(self, name: str) -> None:
-        """Switch the RMSNorm and RoPE ops between "auto", "triton" and "torch" (see kernels/)."""
+        """Switch the fast ops between "auto", "triton" and "torch": the RMSNorm and RoPE kernels (see kernels/)
+        and the CPU decode reduction of the linear layers (``modeling.linear``; "torch" turns it off)."""
         if name not in KERNEL_SETTINGS:
             raise ValueError(f"kernels must be one of {KERNEL_SETTINGS}, got {name!r}")
         self.config.kernels = name
         for module in self.modules():
-            if isinstance(module, (Attention, RMSNorm)):
+            if isinstance(module, (Attention, MLP, RMSNorm)):
                 module.kernels = name
 
     def gradient_checkpointing_enable(self) -> None:
