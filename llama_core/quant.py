@@ -14,7 +14,9 @@ Modes:
 
 Checkpoint layout (safetensors, HF names): each quantised linear stores ``<name>.weight`` as I8 ``[N, K]``
 and ``<name>.weight_scale`` as F32 ``[N]`` (``weight ~= weight_int8 * weight_scale[:, None]``); everything
-else (embeddings, norms, skipped linears such as ``lm_head``, biases) in the model's dtype. config.json
+else (embeddings, norms, skipped linears such as W8A8's ``lm_head``, biases) in the model's dtype. A
+quantised head of a model with tied embeddings is an int8 copy of the embedding, stored as ``lm_head.*``
+(the embedding itself stays in full precision). config.json
 gets ``"quantization_config": {"quant_method": "llama_core_int8", "mode", "threshold", "skip"}``;
 transformers cannot load this layout (``dequantize`` + ``save_pretrained`` gives one it can).
 
@@ -48,14 +50,19 @@ class Int8Config:
 
     mode: str = "int8"
     threshold: float = DEFAULT_THRESHOLD
-    skip: tuple[str, ...] = ("lm_head",)
+    # None: the mode's default. W8A8 keeps lm_head in full precision (per-token activation quantisation
+    # of the final hidden state costs the most accuracy there); weight-only quantises it too: on a 49k-token
+    # head it is a fifth of a small model's bytes per decode step, for a perplexity change of <0.1% measured
+    # on SmolLM2-135M and stories260K.
+    skip: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"quantization mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.threshold, (int, float)) or self.threshold < 0:
             raise ValueError(f"quantization threshold must be a number >= 0, got {self.threshold!r}")
-        object.__setattr__(self, "skip", tuple(self.skip))
+        skip = self.skip if self.skip is not None else (("lm_head",) if self.mode == "int8" else ())
+        object.__setattr__(self, "skip", tuple(skip))
 
     @classmethod
     def parse(cls, spec: str | dict | Int8Config) -> Int8Config:
@@ -194,4 +201,6 @@ def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
             linear.bias = nn.Parameter(q.bias.detach().to(dtype))
         setattr(parent, child_name, linear)
     model.config.quantization_config = None
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()  # a tied head was quantised from the embedding, which is still exact: share it again
     return model

@@ -39,13 +39,13 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_quantized_model_tracks_full_precision(saved, mode):
-    """Logits within 3% (relative L2) and loss within 1% of the fp32 model; int8 linears everywhere but
-    lm_head. Measured: ~1.1% / 0.7% logits error for int8 / weight-only on this model."""
+    """Logits within 3% (relative L2) and loss within 1% of the fp32 model; int8 linears everywhere, lm_head
+    too in weight-only mode. Measured: ~1.1% / 0.7% logits error for int8 / weight-only on this model."""
     path, ids, ref = saved
     model = LlamaForCausalLM.from_pretrained(path, quantize=mode)
     kinds = {name.rsplit(".", 1)[-1]: type(m) for name, m in model.named_modules() if name.endswith(LINEARS)}
     assert set(kinds.values()) == {Int8Linear} and len(kinds) == len(LINEARS)
-    assert type(model.lm_head) is nn.Linear
+    assert type(model.lm_head) is (nn.Linear if mode == "int8" else Int8Linear)
     with torch.no_grad():
         out = model(ids, labels=ids)
     assert relative_error(out.logits, ref.logits) < 0.03
@@ -88,13 +88,14 @@ def test_int8_checkpoint_round_trip(saved, tmp_path, mode):
     model = LlamaForCausalLM.from_pretrained(path, quantize=mode)
     out = model.save_pretrained(tmp_path / "q")
     config = json.loads((out / "config.json").read_text())
+    head_skipped = mode == "int8"  # weight-only quantises lm_head too
     assert config["quantization_config"] == {"quant_method": "llama_core_int8", "mode": mode, "threshold": 6.0,
-                                             "skip": ["lm_head"]}
+                                             "skip": ["lm_head"] if head_skipped else []}
     with safe_open(out / "model.safetensors", "pt") as f:
         key = "model.layers.0.mlp.gate_proj"
         assert f.get_slice(f"{key}.weight").get_dtype() == "I8"
         assert f.get_slice(f"{key}.weight_scale").get_dtype() == "F32"
-        assert f.get_slice("lm_head.weight").get_dtype() == "F32"
+        assert f.get_slice("lm_head.weight").get_dtype() == ("F32" if head_skipped else "I8")
         assert f.get_slice("model.norm.weight").get_dtype() == "F32"
     reloaded = LlamaForCausalLM.from_pretrained(out)
     assert type(reloaded.model.layers[2].mlp.down_proj) is Int8Linear
@@ -107,6 +108,9 @@ def test_int8_checkpoint_round_trip(saved, tmp_path, mode):
         + c.num_attention_heads * c.head_dim * c.hidden_size + 3 * c.hidden_size * c.intermediate_size)
     n_scales = c.num_hidden_layers * ((c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
                                       + c.hidden_size + 2 * c.intermediate_size + c.hidden_size)
+    if not head_skipped:
+        n_linear += c.vocab_size * c.hidden_size
+        n_scales += c.vocab_size
     n_float = sum(p.numel() for p in model.parameters())
     rope = sum(b.numel() * b.element_size() for b in model.model.rotary_emb.buffers())
     assert model.get_memory_footprint() == n_linear + 4 * n_scales + 4 * n_float + rope
@@ -129,6 +133,30 @@ def test_dequantize_gives_a_plain_checkpoint_transformers_loads(saved, tmp_path,
     ref = transformers_module.LlamaForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         assert torch.allclose(ref(ids).logits, model(ids).logits, atol=1e-4)
+
+
+def test_tied_head_is_an_int8_copy_of_the_embedding(tmp_path):
+    """Weight-only on a tied model: lm_head is quantised from the embedding (which stays exact), saved as
+    its own int8 tensors, reloaded as they are; quantise-while-loading equals quantise-after; dequantize()
+    ties the head to the embedding again."""
+    model = random_model(small_config(tie_word_embeddings=True))
+    path = model.save_pretrained(tmp_path / "tied")
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    loaded = LlamaForCausalLM.from_pretrained(path, quantize="int8-weight-only")
+    after = quantize(LlamaForCausalLM.from_pretrained(path), "int8-weight-only")
+    assert type(loaded.lm_head) is Int8Linear and loaded.config.tie_word_embeddings
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, after(ids).logits)
+        assert relative_error(loaded(ids).logits, model(ids).logits) < 0.03
+    out = loaded.save_pretrained(tmp_path / "q")
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert f.get_slice("lm_head.weight").get_dtype() == "I8" and "lm_head.weight_scale" in f.keys()
+    reloaded = LlamaForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, loaded(ids).logits)
+    dequantize(reloaded)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
 
 
 def test_bf16_model_keeps_fp32_scales(saved):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..modeling.config import LlamaConfig
-from ..quant import Int8Config, replace_linears
+from ..quant import Int8Config, Int8Linear, replace_linears
 from .dtypes import parse_dtype
 from .gguf_file import find_gguf
 from .hf_checkpoint import TensorInfo, TensorStream, open_hf_checkpoint
@@ -59,10 +59,16 @@ def _check(model: torch.nn.Module, infos: dict[str, TensorInfo], names: dict[str
     to the embedding (tied config, or no lm_head in the checkpoint).
     """
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict(keep_vars=True).items()}
-    tied = model.config.tie_word_embeddings and "lm_head.weight" in expected
+    # An int8 head (quantised while loading, or stored so) of a tied model is its own tensor when the
+    # checkpoint holds it, else quantised from the embedding.
+    int8_head = type(model.get_output_embeddings()) is Int8Linear
+    tied = (model.config.tie_word_embeddings and "lm_head.weight" in expected
+            and not (int8_head and "lm_head.weight" in names))
     optional = set(model._init_if_missing)
     if "lm_head.weight" in expected:
         optional.add("lm_head.weight")  # absent -> tied to the embedding
+        if int8_head:
+            optional.add("lm_head.weight_scale")
     problems = []
     missing = sorted(k for k in expected if k not in names and k not in optional)
     if missing:
@@ -209,7 +215,11 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
         module.to(target)
         model._init_module(module)
     if tie:
-        model.tie_weights()
+        head = model.get_output_embeddings()
+        if type(head) is Int8Linear:  # tied, quantised: an int8 copy of the (loaded) embedding
+            head.set_weight(model.get_input_embeddings().weight.detach())
+        else:
+            model.tie_weights()
     base = model.base_model
     base.rotary_emb.reset_buffers(base.embed_tokens.weight.device)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..quant import Int8Linear
 from .atomic import atomic_directory
 from .hf_checkpoint import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE
 from .placement import parse_size
@@ -30,9 +31,11 @@ def is_weights_or_config(name: str) -> bool:
 
 
 def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """HF-named tensors; a tied lm_head is omitted (as transformers does)."""
+    """HF-named tensors; a tied lm_head is omitted (as transformers does), unless it is an int8 copy of the
+    embedding (an Int8Linear), which is its own tensor."""
     state = model.state_dict()
-    if model.config.tie_word_embeddings and "lm_head.weight" in state:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if model.config.tie_word_embeddings and "lm_head.weight" in state and type(head) is not Int8Linear:
         state.pop("lm_head.weight")
     meta = [k for k, t in state.items() if t.is_meta]
     if meta:

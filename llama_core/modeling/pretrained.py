@@ -17,6 +17,7 @@ from torch import nn
 from kernels._runtime import KERNEL_SETTINGS
 
 from .attention import ATTN_IMPLEMENTATIONS, Attention
+from ..quant import Int8Linear
 from .config import LlamaConfig
 from .layers import MLP, RMSNorm
 
@@ -98,9 +99,10 @@ class LlamaPreTrainedModel(nn.Module):
         return getattr(self, "lm_head", None)
 
     def tie_weights(self) -> None:
-        """Make lm_head share the embedding matrix when the config says the embeddings are tied."""
+        """Make lm_head share the embedding matrix when the config says the embeddings are tied. An int8
+        lm_head (``quant``) keeps its own quantised copy instead: an int8 matrix cannot share a float one."""
         head = self.get_output_embeddings()
-        if head is not None and self.config.tie_word_embeddings:
+        if head is not None and self.config.tie_word_embeddings and type(head) is not Int8Linear:
             head.weight = self.get_input_embeddings().weight
 
     # ------------------------------------------------------------------ introspection
