@@ -151,7 +151,7 @@ def test_tied_head_is_an_int8_copy_of_the_embedding(tmp_path):
         assert relative_error(loaded(ids).logits, model(ids).logits) < 0.03
     out = loaded.save_pretrained(tmp_path / "q")
     with safe_open(out / "model.safetensors", "pt") as f:
-        assert f.get_slice("lm_head.weight").get_dtype() == "I8" and "lm_head.weight_scale" in f.keys()
+        assert f.get_slice("lm_head.weight").get_dtype() == "I8" and "lm_head.weight_scale" in f.keys()  # noqa: SIM118 (safe_open is not a dict)
     reloaded = LlamaForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, loaded(ids).logits)

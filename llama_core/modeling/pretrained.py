@@ -16,8 +16,8 @@ from torch import nn
 
 from kernels._runtime import KERNEL_SETTINGS
 
-from .attention import ATTN_IMPLEMENTATIONS, Attention
 from ..quant import Int8Linear
+from .attention import ATTN_IMPLEMENTATIONS, Attention
 from .config import LlamaConfig
 from .layers import MLP, RMSNorm
 
