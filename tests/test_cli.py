@@ -57,6 +57,18 @@ def test_generate_tells_the_story_and_reports_speed(stories_hf, capsys):
     out, err = capsys.readouterr()
     assert out.startswith("Once upon a time, there was a little girl named Lily.")
     assert "prompt: 1 tokens" in err and "decode: 39 tokens" in err and "tokens/s" in err
+    assert "compile" not in err  # 40 new tokens: below the CPU default's threshold, eager
+
+
+@needs_stories
+def test_generate_compiled_tells_the_same_story(stories_hf, capsys):
+    """--compile on a CPU: the one-row reduction path, same text as eager, compile time reported apart."""
+    args = ["generate", "--model", str(stories_hf), "--prompt", "Once upon a time", "--max-new-tokens", "30"]
+    assert main([*args, "--no-compile"]) == 0
+    eager = capsys.readouterr().out
+    assert main([*args, "--compile"]) == 0
+    out, err = capsys.readouterr()
+    assert out == eager and "compile: " in err and "compiling the decode step" in err
 
 
 @needs_stories
