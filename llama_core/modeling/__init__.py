@@ -1,7 +1,8 @@
 """The network: everything a research fork reads to understand (and change) the Llama decoder.
 
 Read in this order: ``config`` (hyper-parameters, HF field names) and ``presets`` (known shapes), ``rope``
-(rotary embeddings, one pure function per scaling type), ``layers`` (RMSNorm, SwiGLU MLP, decoder layer),
+(rotary embeddings, one pure function per scaling type), ``linear`` (the linear layers' op boundary: the
+CPU one-token decode path), ``layers`` (RMSNorm, SwiGLU MLP, decoder layer),
 ``attention`` (grouped-query attention and its masks), ``cache`` (dynamic and static KV caches), ``model``
 (LlamaModel, LlamaForCausalLM), ``heads`` (classification, question answering), ``pretrained`` (what every
 public model shares: construction, init, counts, the from_pretrained/save_pretrained face) and ``outputs``.
