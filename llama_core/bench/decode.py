@@ -153,6 +153,7 @@ def bench_decode(pair: ModelPair, settings: BenchSettings, copy_bytes_per_s: flo
                 "generate_s": generate_s, "first_call_s": first[name],
                 # the first call's excess over a steady one: compilation (and one-off warm-up) time
                 "compile_s": max(first[name] - generate_s, 0.0),
+                "weight_bytes": wbytes,  # what one step reads (int8 keeps lm_head in full precision; Q8_0 not)
                 "gb_s": gbs / 1e9 if ok else None, "frac_copy_bw": gbs / copy_bytes_per_s if ok else None,
                 "peak_mem_bytes": memory[name].peak, "added_mem_bytes": memory[name].added,
                 "vs_transformers": None, "same_tokens_as_transformers": None,

@@ -143,11 +143,14 @@ def decode_rows(m: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = m.get("decode", [])
     cpp = _has(rows, "vs_llama_cpp")
     compiled = any("compiled" in r["mode"] and r.get("compile_s") is not None for r in rows)
-    head = DECODE_HEAD + ["speed vs llama.cpp", "same tokens as llama.cpp"] * cpp + ["compile time"] * compiled
+    weights = _has(rows, "weight_bytes")
+    head = (DECODE_HEAD[:5] + ["weights read per step"] * weights + DECODE_HEAD[5:]
+            + ["speed vs llama.cpp", "same tokens as llama.cpp"] * cpp + ["compile time"] * compiled)
     return head, [[f"{r['batch']}", _name(r), f"{r['ms_per_step']:,.1f} ms",
                    "-" if r["tok_s"] is None else f"{r['tok_s']:,.1f}",
-                   "-" if r["gb_s"] is None else f"{r['gb_s']:,.1f} ({r['frac_copy_bw']:.0%})",
-                   _mb(r["added_mem_bytes"]), _ratio(r, "vs_transformers"), _same(r, "transformers")]
+                   "-" if r["gb_s"] is None else f"{r['gb_s']:,.1f} ({r['frac_copy_bw']:.0%})"]
+                  + ([_mb(r["weight_bytes"])] if weights else [])
+                  + [_mb(r["added_mem_bytes"]), _ratio(r, "vs_transformers"), _same(r, "transformers")]
                   + [_ratio(r, "vs_llama_cpp"), _same(r, "llama_cpp")] * cpp
                   + ([_ms(r["compile_s"]) if "compiled" in r["mode"] else "-"] if compiled else []) for r in rows]
 

@@ -170,7 +170,7 @@ def load_transformers(checkpoint: Path, dtype: torch.dtype, device: str) -> Any:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()  # its GGUF reader draws bars over our progress line
+    transformers.utils.logging.disable_progress_bar()  # its loading bars (the GGUF reader's plain tqdm stays)
     model = transformers_from_pretrained(checkpoint, dtype, device)
     # Greedy and no EOS stop from the saved generation config: decoding must produce the full count.
     model.generation_config.do_sample = False
