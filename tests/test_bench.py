@@ -160,13 +160,16 @@ def test_plots_are_written(record, tmp_path):
         def __init__(self):
             self.labels = []
 
+        def get_legend_handles_labels(self):
+            return [], self.labels
+
         def __getattr__(self, name):
             return lambda *a, **k: self.labels.append(k["label"]) if "label" in k else None
 
     class Plt:
         def subplots(self, *a, **k):
             self.axes = [Axes(), Axes()]
-            return None, self.axes
+            return Axes(), self.axes
 
     fake = Plt()
     plot._decode(fake, record["models"][0]["decode"])

@@ -202,8 +202,8 @@ def _spread_note(record: Record) -> list[str]:
     rows = [r for m in record["models"] for b in ("prefill", "decode") for r in m.get(b, [])]
     if not _has(rows, "vs_transformers_spread"):
         return []
-    return ["Speed ratios: > 1 means llama_core (or the row's library) is faster; in brackets the lowest and "
-            "highest ratio of the single interleaved repeats, the noise a ratio carries."]
+    return ["", "Speed ratios: > 1 means the row is faster than the library the column names; in brackets the "
+            "lowest and highest ratio of the single interleaved repeats, the noise each ratio carries."]
 
 
 def target_lines(record: Record) -> list[str]:
