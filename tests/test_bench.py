@@ -269,6 +269,13 @@ def test_model_flag_benchmarks_a_gguf_with_int8_and_q8_0(tmp_path):
     assert all("within_noise" in t for t in model["targets"] if t["unit"] == "x")
 
 
+def test_llama_cpp_is_skipped_with_a_reason(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "llama_cpp", None)  # as if the binding were not installed
+    assert "does not import" in unavailable_reason("cpu")
+    assert unavailable_reason("cuda") == "llama.cpp is measured on a CPU only"
+    assert unavailable_reason("cpu", wanted=False).startswith("not requested")
+
+
 def test_prompts_are_text_or_random():
     class Bytes:  # a tokenizer of the text's UTF-8 bytes
         def encode(self, text):
