@@ -383,3 +383,22 @@ def test_frozen_compile_gives_the_eager_tokens():
     ids = torch.randint(0, 256, (2, 5))
     want = generate(model, ids, max_new_tokens=8, eos_token_id=[])
     assert torch.equal(generate(model, ids, max_new_tokens=8, eos_token_id=[], compile="frozen"), want)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weight_bytes_counts_what_a_decode_step_reads(tied):
+    """An untied input embedding is only looked up (not counted); a tied one is the lm_head and read in full;
+    int8-weight-only gives a tied model its own int8 head, so the fp embedding is not read any more."""
+    from llama_core.bench.decode import weight_bytes
+    from llama_core.quant import quantize
+
+    model = LlamaForCausalLM.from_preset("tiny", tie_word_embeddings=tied)
+    emb = model.get_input_embeddings().weight
+    every = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert weight_bytes(model) == (every if tied else every - emb.numel() * emb.element_size())
+    quantize(model, "int8-weight-only")
+    head = model.get_output_embeddings()
+    assert head.weight is not emb
+    int8 = [b for name, b in model.named_buffers() if name.endswith(("weight", "weight_scale"))]
+    stored = sum(t.numel() * t.element_size() for t in [*model.parameters(), *int8])
+    assert weight_bytes(model) == stored - emb.numel() * emb.element_size()

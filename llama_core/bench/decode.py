@@ -29,13 +29,13 @@ Generate = Callable[[torch.Tensor, int], torch.Tensor]
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every matrix (int8 ones and their scales included), but of an
-    untied input embedding only the looked-up rows (negligible); a tied embedding is read in full by the
-    lm_head."""
+    input embedding only the looked-up rows (negligible), unless the lm_head reads it in full (tied and
+    shared; a weight-only int8 head of a tied model is its own int8 copy)."""
     tensors = {id(t): t for t in model.parameters()}
     tensors.update({id(b): b for name, b in model.named_buffers() if name.endswith(("weight", "weight_scale"))})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    if not model.config.tie_word_embeddings:
-        emb = model.get_input_embeddings().weight
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings()
+    if head is None or head.weight is not emb:
         total -= emb.numel() * emb.element_size()
     return total
 
