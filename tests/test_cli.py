@@ -117,6 +117,19 @@ def test_chat_keeps_its_cache_across_turns(stories_hf, capsys, monkeypatch):
     assert prefills[1] < len(second) - 5, (prefills, len(second))  # the shared prefix came from the cache
 
 
+@needs_stories
+def test_chat_compiled_gives_the_eager_replies(stories_hf, capsys, monkeypatch):
+    """--compile in chat: a static cache and the compiled step (inductor on the CPU), same two replies."""
+    replies = {}
+    for flag in ("--no-compile", "--compile"):
+        monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nTell me more\n"))
+        assert main(["chat", "--model", str(stories_hf), "--max-new-tokens", "12", flag]) == 0
+        out, err = capsys.readouterr()
+        replies[flag] = out
+        assert ("compiles at the first reply" in err) == (flag == "--compile")
+    assert replies["--compile"] == replies["--no-compile"] and len(replies["--compile"]) > 20
+
+
 @pytest.mark.parametrize(("argv", "message"), [
     (["generate", "--model", "/nonexistent/model", "--prompt", "x"], "no such"),
     (["generate", "--model", ".", "--prompt", "x", "--top-p", "0"], "--top-p"),

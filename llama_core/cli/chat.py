@@ -8,8 +8,14 @@ import sys
 import torch
 
 from ..generation.sampling import LogitsSettings, process_logits, sample
-from ..modeling.cache import DynamicCache
-from .generation_options import add_generation_arguments, check_sampling, load_model_and_tokenizer
+from ..generation.session import CACHE_BUCKET, Session
+from .generation_options import (
+    add_compile_argument,
+    add_generation_arguments,
+    check_sampling,
+    load_model_and_tokenizer,
+    should_compile,
+)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -24,7 +30,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())
     stops = set(tok.stop_ids) | set(model.config.eos_token_ids)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    cache, cached = DynamicCache(), []
+    session = Session(model, compile=should_compile(args, model))
+    if session.compile:
+        sys.stderr.write("the decode step compiles at the first reply and at each new cache size (every "
+                         f"{CACHE_BUCKET} tokens of conversation; --no-compile skips it)\n")
     sys.stderr.write("llama-core chat: an empty line or Ctrl-D ends the session\n")
     while True:
         try:
@@ -38,40 +47,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if len(ids) + args.max_new_tokens > model.config.max_position_embeddings:
             raise ValueError(f"the conversation ({len(ids)} tokens) plus --max-new-tokens no longer fits the "
                              f"model's {model.config.max_position_embeddings} positions")
-        keep = _common_prefix(cached, ids, limit=len(ids) - 1)  # feed at least one token
-        cache.crop(keep)
-        new = ids[keep:]
-        with torch.inference_mode():
-            logits = model(torch.tensor([new], device=model.device), past_key_values=cache, use_cache=True,
-                           logits_to_keep=1).logits[:, -1]
-            cached = list(ids)
-            reply: list[int] = []
-            decoder = tok.incremental_decoder(skip_special_tokens=True)
-            for _ in range(args.max_new_tokens):
-                scores = process_logits(logits.float(), settings)
-                token = int(sample(scores.softmax(-1), generator) if settings.do_sample else scores.argmax(-1))
-                logits = model(torch.tensor([[token]], device=model.device), past_key_values=cache,
-                               use_cache=True).logits[:, -1]
-                cached.append(token)  # fed, so the next turn's template can reuse it
-                if token in stops:
-                    break
-                reply.append(token)
-                sys.stdout.write(decoder.add([token]))
-                sys.stdout.flush()
+        logits = session.feed(ids, room=args.max_new_tokens)
+        reply: list[int] = []
+        decoder = tok.incremental_decoder(skip_special_tokens=True)
+        for _ in range(args.max_new_tokens):
+            scores = process_logits(logits[None], settings)
+            token = int(sample(scores.softmax(-1), generator) if settings.do_sample else scores.argmax(-1))
+            logits = session.push(token)  # fed, so the next turn's template can reuse it
+            if token in stops:
+                break
+            reply.append(token)
+            sys.stdout.write(decoder.add([token]))
+            sys.stdout.flush()
         sys.stdout.write(decoder.flush() + "\n")
         messages.append({"role": "assistant", "content": tok.decode(reply, skip_special_tokens=True)})
     return 0
-
-
-def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    n = 0
-    while n < min(len(a), len(b), limit) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
     add_generation_arguments(c)
     c.add_argument("--system", help="system prompt")
+    add_compile_argument(c)
     c.set_defaults(func=cmd_chat)

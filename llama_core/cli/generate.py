@@ -9,8 +9,15 @@ import time
 import torch
 
 from ..generation import generate
+from ..generation.session import bucketed_length
 from ..modeling.cache import StaticCache
-from .generation_options import add_generation_arguments, check_sampling, load_model_and_tokenizer
+from .generation_options import (
+    add_compile_argument,
+    add_generation_arguments,
+    check_sampling,
+    load_model_and_tokenizer,
+    should_compile,
+)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -38,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    temperature=args.temperature or 1.0, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                    eos_token_id=sorted(stops))
     compile_s = None
-    if _should_compile(args, model):
+    if should_compile(args, model):
         options["cache"], compile_s = _compiled_cache(model, prompt, args.max_new_tokens)
         options["compile"] = True
     start = time.perf_counter()
@@ -49,26 +56,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# A static cache is sized up to a multiple of this, so prompts of similar length share one compiled graph (and
-# inductor's on-disk cache): the compiled step is specialised to the cache's shape.
-CACHE_BUCKET = 512
-# On a CPU the compiled one-token step (one-row products as inductor reductions, modeling.linear) decodes
-# 2.2-3x faster than eager, but compiling takes ~25 s the first time (~6 s from inductor's cache) on a 2-core
-# EPYC with SmolLM2-135M: worth it from a few hundred new tokens.
-COMPILE_MIN_NEW_TOKENS = 256
-
-
-def _should_compile(args: argparse.Namespace, model: torch.nn.Module) -> bool:
-    if args.compile is not None:
-        return args.compile
-    return model.device.type == "cpu" and args.max_new_tokens >= COMPILE_MIN_NEW_TOKENS
-
-
 def _compiled_cache(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int) -> tuple[StaticCache, float]:
     """A static cache for this call (bucketed), and the seconds spent compiling the decode step for it: a
     two-token warm-up run, so the compile is reported apart from the decode speed."""
-    length = -(-(prompt.shape[1] + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET
-    length = min(length, max(model.config.max_position_embeddings, prompt.shape[1] + max_new_tokens))
+    length = bucketed_length(prompt.shape[1] + max_new_tokens, model.config.max_position_embeddings)
     cache = StaticCache(model.config, max_batch_size=1, max_cache_len=length, dtype=model.dtype, device=model.device)
     sys.stderr.write("compiling the decode step (the first time for a model and cache size: about half a minute "
                      "on a 2-core CPU; then from inductor's cache; --no-compile skips it)\n")
@@ -97,7 +88,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_generation_arguments(g)
     g.add_argument("--prompt", required=True, help="the text to continue ('' starts from BOS)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"compile the one-token decode step (default: on a CPU from --max-new-tokens "
-                        f"{COMPILE_MIN_NEW_TOKENS}; the compile time is reported apart)")
+    add_compile_argument(g)
     g.set_defaults(func=cmd_generate)

@@ -171,6 +171,14 @@ class StaticCache(Cache):
                 rows = t[: index.shape[0]]
                 rows.copy_(rows.index_select(0, index.to(t.device)))
 
+    def crop(self, length: int) -> None:
+        """Keep only the first ``length`` cached tokens, in place: later writes overwrite the slots after
+        them, and until then the causal mask hides those slots (it is built from the cache positions)."""
+        if not 0 <= length <= self._max_cache_len:
+            raise ValueError(f"cannot crop a StaticCache of {self._max_cache_len} slots to {length} tokens")
+        if self._length is not None:
+            self._length.fill_(length)
+
     def reset(self) -> None:
         """Empty the cache in place, keeping the buffers (and so any compiled graph) for reuse."""
         for t in (*self.keys, *self.values):
