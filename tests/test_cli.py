@@ -79,6 +79,29 @@ def test_generate_quantized_tells_the_story(stories_hf, capsys, mode):
     assert capsys.readouterr().out.startswith("Once upon a time, there was a little girl named Lily.")
 
 
+@pytest.mark.parametrize(("flags", "dtype"), [(["--compile"], "float32"), (["--no-compile"], "auto"),
+                                              (["--max-new-tokens", "40"], "auto"), ([], "float32"),
+                                              (["--compile", "--dtype", "bfloat16"], "bfloat16")])
+def test_int8_weight_only_on_a_cpu_computes_in_fp32_when_compiled(flags, dtype, monkeypatch):
+    """Compiled, inductor's int8 reduction runs at full speed beside fp32 activations only; eagerly PyTorch's
+    int8 kernel is the slow one with fp32, so the checkpoint's dtype stays; an explicit --dtype always wins."""
+    import argparse
+
+    from llama_core.cli import generation_options
+    from llama_core.cli.generate import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["generate", "--model", "m", "--tokenizer", "t", "--prompt", "x", "--device", "cpu",
+                              "--quantize", "int8-weight-only", *flags])
+    seen = {}
+    monkeypatch.setattr(generation_options.Tokenizer, "from_pretrained", lambda source: None)
+    monkeypatch.setattr(generation_options.LlamaForCausalLM, "from_pretrained",
+                        lambda path, **kw: seen.update(kw))
+    generation_options.load_model_and_tokenizer(args)
+    assert seen["dtype"] == dtype and seen["quantize"] == "int8-weight-only"
+
+
 @needs_stories
 def test_generate_with_sampling_is_reproducible(stories_hf, capsys):
     argv = ["generate", "--model", str(stories_hf), "--prompt", "Tom", "--max-new-tokens", "30",

@@ -30,7 +30,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     generator.manual_seed(args.seed if args.seed is not None else torch.seed())
     stops = set(tok.stop_ids) | set(model.config.eos_token_ids)
     messages = [{"role": "system", "content": args.system}] if args.system else []
-    session = Session(model, compile=should_compile(args, model))
+    session = Session(model, compile=should_compile(args))
     if session.compile:
         sys.stderr.write("the decode step compiles at the first reply and at each new cache size (every "
                          f"{CACHE_BUCKET} tokens of conversation; --no-compile skips it)\n")

@@ -45,7 +45,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                    temperature=args.temperature or 1.0, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                    eos_token_id=sorted(stops))
     compile_s = None
-    if should_compile(args, model):
+    if should_compile(args):
         options["cache"], compile_s = _compiled_cache(model, prompt, args.max_new_tokens)
         options["compile"] = True
     start = time.perf_counter()

@@ -28,7 +28,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # On a CPU the compiled one-token step (one-row products as inductor reductions, modeling.linear) decodes
-# 2.2-3x faster than eager, but compiling takes ~25 s the first time (~3-6 s from inductor's cache) on a 2-core
+# 2.2-3x faster than eager, but compiling takes 25-40 s the first time (3-9 s from inductor's cache) on a 2-core
 # EPYC with SmolLM2-135M: worth it from a few hundred new tokens.
 COMPILE_MIN_NEW_TOKENS = 256
 
@@ -39,10 +39,10 @@ def add_compile_argument(p: argparse.ArgumentParser) -> None:
                         f"{COMPILE_MIN_NEW_TOKENS}; the compile time is reported apart)")
 
 
-def should_compile(args: argparse.Namespace, model: torch.nn.Module) -> bool:
+def should_compile(args: argparse.Namespace) -> bool:
     if args.compile is not None:
         return args.compile
-    return model.device.type == "cpu" and args.max_new_tokens >= COMPILE_MIN_NEW_TOKENS
+    return torch.device(args.device).type == "cpu" and args.max_new_tokens >= COMPILE_MIN_NEW_TOKENS
 
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[LlamaForCausalLM, Tokenizer]:
@@ -51,9 +51,11 @@ def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[LlamaForCausalLM
         raise ValueError(f"{args.model} is a single weights file; pass --tokenizer (e.g. a sentencepiece .model)")
     tokenizer = Tokenizer.from_pretrained(tokenizer_source)
     dtype = args.dtype
-    if dtype == "auto" and args.quantize == "int8-weight-only" and torch.device(args.device).type == "cpu":
+    cpu = torch.device(args.device).type == "cpu"
+    if dtype == "auto" and args.quantize == "int8-weight-only" and cpu and should_compile(args):
         # int8 weights either way; fp32 activations are what inductor's CPU reduction runs at full speed
-        # (with bf16 activations it falls back to narrow int8 loads: measured 4x slower on SmolLM2)
+        # (with bf16 activations it falls back to narrow int8 loads: 2.3x slower on SmolLM2). Eagerly the
+        # checkpoint's dtype stays: PyTorch's int8 kernel is the slow one with fp32 activations.
         dtype = "float32"
     model = LlamaForCausalLM.from_pretrained(args.model, dtype=dtype, device=args.device, quantize=args.quantize)
     return model, tokenizer
