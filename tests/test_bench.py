@@ -185,15 +185,20 @@ def test_different_weights_are_refused(tmp_path):
         same_weights_check(pair.ours, pair.theirs, tiny_settings())
 
 
-def test_cli_bench_llama_core_only(tmp_path, capsys):
+def test_cli_bench_llama_core_only(tmp_path, capsys, monkeypatch):
+    """Without --output the record goes to bench-results/ in the current directory (git-ignored), never into
+    the repository's committed records."""
+    monkeypatch.chdir(tmp_path)
     args = ["bench", "--preset", "tiny", "--device", "cpu", "--no-transformers", "--no-llama-cpp", "--no-load",
             "--repeats", "1", "--prompt-lens", "8", "--batch-sizes", "1", "--decode-tokens", "3",
-            "--decode-prompt-len", "4", "--no-plot", "--output", str(tmp_path)]
+            "--decode-prompt-len", "4", "--no-plot"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "llama_core eager" in out and "transformers eager" not in out and "llama_cpp" not in out
     assert "llama.cpp: not measured (not requested (--no-llama-cpp))" in out
-    (path,) = tmp_path.glob("bench-tiny-*.json")
+    (path,) = (tmp_path / "bench-results").glob("bench-tiny-*.json")
+    assert f"record: {path.relative_to(tmp_path)}" in out
+    assert "/bench-results/" in (REPO / ".gitignore").read_text().splitlines()
     rec = load_record(path)
     assert {k: v for k, v in rec["models"][0]["sanity"].items() if k != "prompts"} == {"compared": False}
     assert {r["impl"] for r in rec["models"][0]["decode"] + rec["models"][0]["prefill"]} == {"llama_core"}

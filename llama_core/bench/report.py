@@ -1,6 +1,7 @@
-"""Records (JSON under benchmarks/results/), the stdout table and README-ready markdown, all rendered
-from the record alone so that committed results can be re-rendered later (records written before llama.cpp,
---model and the ratio spreads existed render as they did: a column appears only when a row has its field)."""
+"""Records (JSON, in bench-results/ or --output; the committed ones in benchmarks/results/), the stdout table
+and README-ready markdown, all rendered from the record alone so that committed results can be re-rendered
+later (records written before llama.cpp, --model and the ratio spreads existed render as they did: a column
+appears only when a row has its field)."""
 
 from __future__ import annotations
 

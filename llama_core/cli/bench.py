@@ -11,6 +11,10 @@ import torch
 
 from ..modeling.presets import preset_names
 
+# Results go here unless --output says otherwise: never into the repository's committed records by default,
+# so running the README's main job leaves a checkout clean (the folder is in .gitignore).
+DEFAULT_OUTPUT = "bench-results"
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -53,7 +57,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-load", action="store_true", help="skip the checkpoint load benchmark")
     p.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=None,
                    help="op microbenchmarks (default: on CUDA only)")
-    p.add_argument("--output", type=Path, default=Path("benchmarks/results"), help="directory for record and plots")
+    p.add_argument("--output", type=Path, default=Path(DEFAULT_OUTPUT),
+                   help=f"directory for record and plots (default: {DEFAULT_OUTPUT}/ in the current directory, "
+                   "git-ignored in a llama-core checkout; the repository's records are written with --output "
+                   "benchmarks/results)")
     p.add_argument("--no-record", action="store_true", help="print the table only")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--markdown", type=Path, metavar="RECORD.json",
