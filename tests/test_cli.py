@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import io
+import signal
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from checkpoints_convert import llama2c_to_hf
 from llama_core import LlamaForCausalLM, Tokenizer
 from llama_core.cli import main
-from tests.conftest import assets_dir, small_config
+from tests.conftest import REPO, assets_dir, small_config
 
 
 def test_summary_of_a_preset(capsys):
@@ -92,7 +95,7 @@ def test_int8_weight_only_on_a_cpu_computes_in_fp32_when_compiled(flags, dtype, 
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
-    args = parser.parse_args(["generate", "--model", "m", "--tokenizer", "t", "--prompt", "x", "--device", "cpu",
+    args = parser.parse_args(["generate", "--model", "org/m", "--tokenizer", "t", "--prompt", "x", "--device", "cpu",
                               "--quantize", "int8-weight-only", *flags])
     seen = {}
     monkeypatch.setattr(generation_options.Tokenizer, "from_pretrained", lambda source: None)
@@ -162,3 +165,110 @@ def test_generate_errors_are_short(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------- what a newcomer meets at the prompt
+
+def test_abbreviations_are_refused_and_defaults_shown(capsys):
+    """`--max-new-token 5` is an error (argparse would silently take it for --max-new-tokens); help shows
+    defaults."""
+    from llama_core.cli.main import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", "m", "--prompt", "x", "--max-new-token", "5"])
+    assert exc.value.code == 2 and "unrecognized arguments: --max-new-token" in capsys.readouterr().err
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = sub.choices["generate"].format_help()
+    assert "(default: 256)" in text and "(default: None)" not in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a torch without CUDA")
+def test_unavailable_device_is_one_line(capsys):
+    assert main(["generate", "--model", "m", "--prompt", "x", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llama-core: error: --device cuda: CUDA is not available") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model", ["stories-typo", "./some/dir", "/nonexistent/x/y"])
+def test_a_misspelt_model_path_is_named(model, capsys):
+    assert main(["generate", "--model", model, "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert f"--model {model}: no such file or directory" in err and "tokenizer" not in err
+
+
+@needs_stories
+def test_generate_refuses_to_run_past_the_context(stories_hf, capsys):
+    assert main(["generate", "--model", str(stories_hf), "--prompt", "Tom", "--max-new-tokens", "600"]) == 2
+    assert "does not fit the model's 512 positions" in capsys.readouterr().err
+
+
+@needs_stories
+def test_ctrl_c_stops_generate_with_its_speed_line(stories_hf):
+    """A real SIGINT to a running `llama-core generate`: exit 130, the partial text and speed, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "llama_core.cli", "generate", "--model", str(stories_hf),
+                             "--prompt", "", "--max-new-tokens", "500", "--no-compile"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        first = proc.stdout.read(20)  # the story has started streaming
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert first.startswith("Once upon a time") and rest.endswith("\n") and proc.returncode == 130, err
+    assert "interrupted" in err and "decode:" in err and "Traceback" not in err
+
+
+def _chat(stories_hf, monkeypatch, capsys, lines, *flags):
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
+    code = main(["chat", "--model", str(stories_hf), "--max-new-tokens", "12", "--no-compile", *flags])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@needs_stories
+def test_chat_reset_exit_and_speed(stories_hf, monkeypatch, capsys):
+    """/reset forgets the conversation (the same question gets the first answer again), /exit leaves before
+    the next line, and each reply reports its tokens/s."""
+    code, out, err = _chat(stories_hf, monkeypatch, capsys, ["Hello there", "Hello there", "/reset", "Hello there",
+                                                             "/exit", "never read"])
+    replies = [r for r in out.split("> ") if r.strip()]
+    assert code == 0 and len(replies) == 3, out
+    assert replies[2] == replies[0]  # after /reset: the first turn again, not a continuation
+    assert err.count("tokens/s]") == 3 and "(new conversation)" in err
+
+
+@needs_stories
+def test_chat_ctrl_c_stops_the_reply_and_returns_to_the_prompt(stories_hf, monkeypatch, capsys):
+    from llama_core.generation.session import Session
+
+    pushes = {"n": 0}
+    original = Session.push
+
+    def interrupted(self, token):
+        pushes["n"] += 1
+        if pushes["n"] == 3:  # mid-way through the first reply
+            raise KeyboardInterrupt
+        return original(self, token)
+
+    monkeypatch.setattr(Session, "push", interrupted)
+    code, out, err = _chat(stories_hf, monkeypatch, capsys, ["Hello there", "Tell me more"])
+    assert code == 0 and "[stopped]" in err and err.count("tokens/s]") == 2
+    assert len([r for r in out.split("> ") if r.strip()]) == 2  # the second message was still answered
+
+    def at_the_prompt(prompt=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("builtins.input", at_the_prompt)
+    assert main(["chat", "--model", str(stories_hf), "--max-new-tokens", "12", "--no-compile"]) == 0
+
+
+@needs_stories
+def test_chat_drops_the_oldest_turns_when_the_context_is_full(stories_hf, monkeypatch, capsys):
+    """stories260K has 512 positions: three long messages cannot all stay; the oldest goes, the chat goes
+    on; a single message too long for the context is refused without ending the session."""
+    long = " ".join(["the cat sat on the mat"] * 25)  # ~150 tokens
+    code, out, err = _chat(stories_hf, monkeypatch, capsys, [long, long, long, " ".join([long] * 4), "Hi"],
+                           "--max-new-tokens", "100")
+    assert code == 0 and "the oldest turn was dropped" in err
+    assert "this message alone does not fit" in err
+    assert len([r for r in out.split("> ") if r.strip()]) == 4  # three long ones and "Hi" were answered

@@ -30,6 +30,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tok.encode(args.prompt) or ([tok.bos_id] if tok.bos_id is not None else [])
         if not ids:
             raise ValueError("the prompt is empty and the tokenizer has no BOS token to start from")
+    positions = model.config.max_position_embeddings
+    if len(ids) + args.max_new_tokens > positions:  # as chat: past its positions a model's output degrades
+        raise ValueError(f"the prompt ({len(ids)} tokens) plus --max-new-tokens {args.max_new_tokens} does not fit "
+                         f"the model's {positions} positions")
     prompt = torch.tensor([ids], device=model.device)
     decoder = tok.incremental_decoder(skip_special_tokens=True)
     stops = set(tok.stop_ids) | set(model.config.eos_token_ids)
@@ -49,11 +53,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         options["cache"], compile_s = _compiled_cache(model, prompt, args.max_new_tokens)
         options["compile"] = True
     start = time.perf_counter()
-    generate(model, prompt, streamer=on_step, **options)
+    interrupted = False
+    try:
+        generate(model, prompt, streamer=on_step, **options)
+    except KeyboardInterrupt:  # Ctrl-C: keep what was generated, say how fast it went, exit 130
+        interrupted = True
     sys.stdout.write(decoder.flush() + "\n")
     sys.stdout.flush()
+    if interrupted:
+        sys.stderr.write("interrupted\n")
     _report(len(ids), start, times, compile_s)
-    return 0
+    return 130 if interrupted else 0
 
 
 def _compiled_cache(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int) -> tuple[StaticCache, float]:

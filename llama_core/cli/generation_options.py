@@ -16,13 +16,16 @@ from ..tokenizer import Tokenizer
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory, hub id, .gguf file, Meta directory or llama2.c .bin")
     p.add_argument("--tokenizer", help="tokenizer file or directory (default: the model's)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (per reply in chat)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the most likely tokens whose probabilities add up to this (1 = all)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: a fresh one each run)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="what the model computes in (auto: the checkpoint's dtype)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ...")
     p.add_argument("--quantize", choices=["int8", "int8-weight-only"],
                    help="quantise the linear layers while loading (see llama_core.quant)")
 
@@ -45,7 +48,34 @@ def should_compile(args: argparse.Namespace) -> bool:
     return torch.device(args.device).type == "cpu" and args.max_new_tokens >= COMPILE_MIN_NEW_TOKENS
 
 
+def check_device(device: str) -> None:
+    """A device this torch can use, said in one line before anything loads."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"--device {device}: CUDA is not available (this torch {torch.__version__} is {build})")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+
+
+def check_model_path(model: str) -> None:
+    """A local path that does not exist is named as such (not reported later as a missing tokenizer); a
+    name shaped like a hub id (``org/name``) is left to the hub."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return
+    parts = model.split("/")
+    looks_like_hub_id = len(parts) == 2 and all(parts) and not model.startswith((".", "~"))
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"--model {model}: no such file or directory (nor a hub id of the form org/name)")
+
+
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[LlamaForCausalLM, Tokenizer]:
+    check_device(args.device)
+    check_model_path(args.model)
     tokenizer_source = args.tokenizer or args.model
     if args.tokenizer is None and Path(args.model).is_file() and find_gguf(args.model) is None:
         raise ValueError(f"{args.model} is a single weights file; pass --tokenizer (e.g. a sentencepiece .model)")

@@ -13,11 +13,31 @@ from . import bench, chat, convert, generate, summary, train
 COMMANDS = (summary, generate, chat, bench, train, convert)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in its help, where it has one worth showing (not None/False, and not already
+    said in the help text)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every command's parser: no silent abbreviations (``--max-new-token 5`` is an error, not a guess) and
+    defaults shown in ``--help``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llama-core", description="Llama decoder in pure PyTorch.")
+    parser = Parser(prog="llama-core", description="Llama decoder in pure PyTorch.")
     parser.add_argument("--version", action="version", version=f"llama-core {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for command in COMMANDS:
         command.add_parser(sub)
     return parser
@@ -31,4 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"llama-core: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # writers are atomic: an interrupted command leaves nothing half-written
+        print("\nllama-core: interrupted", file=sys.stderr)
+        return 130
 
