@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from llama_core.model_io.atomic import atomic_directory
+from llama_core.model_io.atomic import atomic_directory, no_space_names
 from llama_core.model_io.dtypes import parse_dtype
 from llama_core.model_io.placement import parse_size
 
@@ -78,7 +78,10 @@ def hf_to_meta(input_dir: str | Path, output_dir: str | Path, num_shards: int = 
         (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         for rank in tqdm(range(num_shards), desc="ranks", disable=not progress or None):
             # one pass over the input per rank keeps only that rank's slices in memory
-            torch.save(meta_shard_tensors(source, num_shards, rank, axis), tmp / f"consolidated.{rank:02d}.pth")
+            # through a Python file: torch.save to a path reports a full disk as "unexpected pos", losing errno
+            file = tmp / f"consolidated.{rank:02d}.pth"
+            with no_space_names(file), open(file, "wb") as f:
+                torch.save(meta_shard_tensors(source, num_shards, rank, axis), f)
         if (input_dir / "tokenizer.model").is_file():
             shutil.copy2(input_dir / "tokenizer.model", tmp / "tokenizer.model")
     return output_dir

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import no_space_names
 from .dtypes import SAFETENSORS_DTYPES
 
 
@@ -40,6 +41,12 @@ def write_safetensors(path: str | os.PathLike, specs: dict[str, tuple[tuple[int,
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+    with no_space_names(path):  # a bare write error names no file
+        _write_file(path, raw, specs, tensors)
+
+
+def _write_file(path: str | os.PathLike, raw: bytes, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
     expected = iter(specs.items())
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))

@@ -6,14 +6,23 @@ optimizer (each rank writes its own part, any world size can read them back), ``
 
 Saving is crash-safe: everything is written under ``.step_N.tmp`` and renamed to ``step_N`` only after
 every rank has finished, so a directory named ``step_N`` is always complete and the previous one is
-untouched until then; leftover ``.tmp`` directories are ignored and cleared by the next save.
+untouched until then; leftover ``.tmp`` directories are ignored and cleared by the next save. A full disk
+is reported as such (``NoSpaceLeftError``) and its partial directory removed.
+
+Resuming never unpickles arbitrary objects: DCP stores its ``.metadata`` as a pickle and the optimizer's
+non-tensor values (learning rate, betas) as pickles too, which plain DCP loads with ``pickle.load`` and
+``torch.load(weights_only=False)``. A crafted checkpoint could run code that way, so ``load_checkpoint``
+reads the metadata with an unpickler that knows only DCP's own metadata types and the values with
+``weights_only=True``; anything else is refused with ``UnsafeCheckpointError`` naming the file.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -24,6 +33,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, Metadata
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -31,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from ..model_io.atomic import find_no_space, no_space_names, raise_if_no_space, replace_directory
 from ..modeling.config import LlamaConfig
 from ..modeling.model import LlamaForCausalLM
 from .distributed import Dist
@@ -84,20 +97,20 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
         (tmp / "rng").mkdir(parents=True)
     _barrier(d)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=d.world == 1)
-    torch.save(rng_state(d.device), tmp / "rng" / f"rank_{d.rank:05d}.pt")
+    with _no_space_reported(tmp, final, d):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp, no_dist=d.world == 1)
+        # through a Python file: torch.save to a path reports a full disk as "unexpected pos", losing errno
+        rng_file = tmp / "rng" / f"rank_{d.rank:05d}.pt"
+        with no_space_names(rng_file), open(rng_file, "wb") as f:
+            torch.save(rng_state(d.device), f)
     _barrier(d)  # every rank's shards are on disk
     if d.is_main:
-        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-        if final.exists():  # re-saving a step (e.g. after resuming from it): swap, then drop the old copy
-            old = root / f".step_{step:08d}.old"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        with _no_space_reported(tmp, final, d):
+            (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        # re-saving a step (e.g. after resuming from it) swaps the directories, then drops the old copy
+        replace_directory(tmp, final)
         for stale in list_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(stale, ignore_errors=True)
         logger.info("saved checkpoint %s", final)
@@ -105,11 +118,106 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     return final
 
 
+class _no_space_reported:
+    """A full disk while writing ``tmp``: remove the partial checkpoint (it holds the space the user needs)
+    and raise NoSpaceLeftError naming the file. Other failures leave it for the next save to clear."""
+
+    def __init__(self, tmp: Path, final: Path, d: Dist):
+        self.tmp, self.final, self.d = tmp, final, d
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if exc is None or find_no_space(exc) is None:
+            return
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        raise_if_no_space(exc, self.tmp, self.final)
+
+
 def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
     file = Path(path) / STATE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a training checkpoint: no {STATE_FILE} in it")
-    return json.loads(file.read_text())
+    try:
+        state = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(state).__name__}")
+    return state
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file that would need arbitrary unpickling (code execution) to read."""
+
+
+# Everything DCP's ``.metadata`` pickle names: its own dataclasses and the torch values inside them
+# (dtypes are allowed separately). Each is plain data or a pure lookup; none runs code it is given.
+_METADATA_GLOBALS = frozenset(
+    [("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")]
+    + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+       ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+       ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")])
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, path: Path):
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                   torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(f"refusing to read {self.path}: it names {module}.{name}, which checkpoint "
+                                    f"metadata never holds (unpickling it could run code)")
+
+
+class SafeCheckpointReader(FileSystemReader):
+    """DCP's file reader with ``.metadata`` read through the allow-list above instead of ``pickle.load``."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes()), path).load()
+        except UnsafeCheckpointError:
+            raise
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, KeyError,
+                TypeError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable checkpoint metadata file: {e}") from None
+        if not isinstance(metadata, Metadata):
+            raise ValueError(f"{path} holds a {type(metadata).__name__}, not checkpoint metadata")
+        metadata.storage_meta = metadata.storage_meta or dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's planner with non-tensor values read by ``torch.load(weights_only=True)`` (plain DCP unpickles
+    them fully)."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(f"refusing to read {read_item.dest_index.fqn} of {self.path}: it is "
+                                        f"not plain data (unpickling it could run code): {e}") from None
+        self._commit_bytes(read_item, loaded)
+
+    def _commit_bytes(self, read_item, loaded: Any) -> None:
+        # DefaultLoadPlanner.load_bytes, minus its own unpickling
+        fqn = read_item.dest_index.fqn
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
 
 
 def check_same_shape(saved: dict[str, Any], config: LlamaConfig, path: str | os.PathLike) -> None:
@@ -131,7 +239,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=path, no_dist=d.world == 1)
+        _load_safely({"model": model_sd, "optim": optim_sd}, path, d)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
     rng_file = path / "rng" / f"rank_{d.rank:05d}.pt"
     if state.get("world_size") == d.world and rng_file.is_file():
@@ -141,6 +249,18 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                        state.get("world_size"), d.world)
     logger.info("resumed from %s (step %d)", path, state["step"])
     return state
+
+
+def _load_safely(state: dict[str, Any], path: Path, d: Dist) -> None:
+    try:
+        dcp.load(state, storage_reader=SafeCheckpointReader(path), planner=SafeLoadPlanner(path),
+                 no_dist=d.world == 1)
+    except dcp.api.CheckpointException as e:
+        # DCP wraps every rank's error in a BaseException with tracebacks; surface ours, named and clear
+        for err, _ in e.failures.values():
+            if isinstance(err, (ValueError, OSError)):
+                raise err from None
+        raise
 
 
 def export_hf(model: nn.Module, config: LlamaConfig, directory: str | os.PathLike, d: Dist) -> Path | None:
