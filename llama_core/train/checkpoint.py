@@ -252,9 +252,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
 
 
 def _load_safely(state: dict[str, Any], path: Path, d: Dist) -> None:
+    reader = SafeCheckpointReader(path)
+    reader.read_metadata()  # here, not inside DCP, which would flatten our error into an AssertionError string
     try:
-        dcp.load(state, storage_reader=SafeCheckpointReader(path), planner=SafeLoadPlanner(path),
-                 no_dist=d.world == 1)
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(path), no_dist=d.world == 1)
     except dcp.api.CheckpointException as e:
         # DCP wraps every rank's error in a BaseException with tracebacks; surface ours, named and clear
         for err, _ in e.failures.values():
