@@ -25,6 +25,7 @@ import torch
 
 from llama_core.model_io.dtypes import parse_dtype
 from llama_core.model_io.gguf_file import GGUFFile, GGUFTensor
+from llama_core.model_io.hf_checkpoint import check_finite
 from llama_core.modeling.config import LlamaConfig
 
 from .gguf_quants import DEQUANTIZE_TYPES, dequantize
@@ -210,6 +211,7 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Chec
                 raise ValueError(f"{t.path}: tensor {t.name} ({t.ggml_type.name}): {e}") from e
             if name in rope_heads:
                 w = interleaved_to_half(w, rope_heads[name])
+            check_finite(name, w, t.path)
             yield name, w
 
     return CheckpointSource(config, specs, stream, str(Path(path)))

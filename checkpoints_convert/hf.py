@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from llama_core.model_io.atomic import atomic_directory
-from llama_core.model_io.hf_checkpoint import open_hf_checkpoint
+from llama_core.model_io.hf_checkpoint import check_finite, open_hf_checkpoint
 from llama_core.model_io.hub import resolve_checkpoint
 from llama_core.model_io.placement import parse_size
 from llama_core.model_io.safetensors_writer import write_sharded
@@ -32,7 +32,9 @@ def read_hf(directory: str | Path, dtype: torch.dtype | None = None) -> Checkpoi
 
     def cast() -> Iterator[tuple[str, torch.Tensor]]:
         for name, t in stream():
-            yield name, t if dtype is None else t.to(dtype)
+            t = t if dtype is None else t.to(dtype)
+            check_finite(name, t, directory)  # after the cast: a narrower dtype can overflow to inf
+            yield name, t
 
     if dtype is not None:
         config = config.replace(dtype=str(dtype).removeprefix("torch."))

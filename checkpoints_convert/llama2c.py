@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from llama_core.model_io.hf_checkpoint import check_finite
 from llama_core.modeling.config import LlamaConfig
 
 from .permute import interleaved_to_half
@@ -67,12 +68,16 @@ def read_llama2c(path: str | os.PathLike, dtype: torch.dtype | None = None) -> C
     version, params, shared, group_size, start = _read_header(path, actual)
     where = f"{path} (llama2.c v{version}{': no ak42 magic, so read as the legacy format' if version == 0 else ''})"
     _validate(params, group_size, version, where)
-    entries, expected = _layout(version, params, shared, group_size, start, where)
+    # The size the header implies, computed in closed form and checked against the file *before* the
+    # per-tensor layout is listed: a corrupt header (n_layers = 2**31 - 1) must not build billions of entries.
+    expected = _implied_size(version, params, shared, group_size, start, where)
     if actual != expected:
         detail = "truncated" if actual < expected else f"{actual - expected} trailing bytes"
         header = ", ".join(f"{k}={v}" for k, v in zip(_FIELDS, params, strict=True))
         raise ValueError(f"{where}: file is {actual} bytes but its header ({header}, shared classifier="
                          f"{shared}) implies {expected} bytes ({detail})")
+    entries, laid_out = _layout(version, params, shared, group_size, start, where)
+    assert laid_out == expected, (laid_out, expected)  # the closed form and the layout describe one format
     if version == 2:
         # A layout check before streaming: where the first tensor's scales should be, an early export.py
         # (which wrote every scale after every int8 block, same total size) has int8 values instead.
@@ -103,7 +108,9 @@ def read_llama2c(path: str | os.PathLike, dtype: torch.dtype | None = None) -> C
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         try:
             for entry in entries:
-                yield entry.name, _materialise(mapped, entry, dtype, group_size, where)
+                w = _materialise(mapped, entry, dtype, group_size, where)
+                check_finite(entry.name, w, where)
+                yield entry.name, w
         finally:
             # BufferError: a view is still alive somewhere; the map is then released when it is collected.
             with contextlib.suppress(BufferError):
@@ -152,6 +159,25 @@ def _validate(params: list[int], group_size: int, version: int, where: str) -> N
         raise ValueError(f"{where}: head size {dim // n_heads} is odd; rotary embeddings need it even")
     if version == 2 and group_size <= 0:
         raise ValueError(f"{where}: quantisation group size must be positive, got {group_size}")
+
+
+def _implied_size(version: int, params: list[int], shared: bool, group_size: int, start: int, where: str) -> int:
+    """The file size in bytes that a header implies (the sum that ``_layout`` walks, without listing tensors)."""
+    dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = params
+    kv_dim = n_kv_heads * (dim // n_heads)
+    norms = 2 * n_layers * dim + dim  # attention and ffn norm per layer, final norm: always fp32
+    per_layer = [dim * dim, kv_dim * dim, kv_dim * dim, dim * dim, hidden * dim, dim * hidden, hidden * dim]
+    matrices = [vocab * dim] * (1 if shared else 2)  # embeddings [, classifier]
+    if version == 2:
+        names = ["model.embed_tokens.weight", *(f"model.layers.0.{k}.weight" for k in _LAYER_ORDER[:7])]
+        for name, n in zip(names, matrices[:1] + [per_layer[i] for i in (0, 1, 2, 3, 4, 6, 5)], strict=True):
+            if n % group_size:
+                raise ValueError(f"{where}: {name} has {n} values, not a multiple of the group size {group_size}")
+        q8 = sum(n + 4 * (n // group_size) for n in matrices) + n_layers * sum(
+            n + 4 * (n // group_size) for n in per_layer)
+        return start + 4 * norms + q8
+    size = start + 4 * (norms + sum(matrices) + n_layers * sum(per_layer))
+    return size + (4 * seq_len * (dim // n_heads) if version == 0 else 0)  # v0 also stores freq_cis
 
 
 def _layout(version: int, params: list[int], shared: bool, group_size: int, start: int,

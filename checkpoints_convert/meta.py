@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import numbers
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from llama_core.model_io.hf_checkpoint import check_finite
 from llama_core.modeling.config import LlamaConfig
 
 from .permute import half_to_interleaved, interleaved_to_half
@@ -52,6 +54,14 @@ _PARAMS_ROPE_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_l
                      "high_freq_factor": "rope_high_freq_factor",
                      "original_max_position_embeddings": "rope_original_max_position_embeddings"}
 ORIGINAL_PARAMS_KEY = "original_meta_params"  # kept in config.json so HF -> Meta restores params.json exactly
+# Meta's format has no context length (max_seq_len is an argument of Meta's Llama.build, and a params.json
+# key of that name would clash with it). HF -> Meta writes the HF value under this key, which llama-models'
+# ModelArgs ignores (it keeps only attributes it has), when the reader could not infer it otherwise.
+CONTEXT_KEY = "max_position_embeddings"
+# params.json fields: (type, may be absent or null); counts must be positive, floats finite and positive.
+_PARAM_INTS = {"dim": False, "n_layers": False, "n_heads": False, "n_kv_heads": True, "multiple_of": True,
+               "max_seq_len": True, CONTEXT_KEY: True}
+_PARAM_FLOATS = {"norm_eps": False, "rope_theta": True, "ffn_dim_multiplier": True}
 
 
 def meta_to_hf_name(key: str) -> str | None:
@@ -98,10 +108,45 @@ def read_params(directory: Path) -> dict[str, Any]:
         params = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(params, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(params).__name__}")
     missing = [k for k in REQUIRED_PARAMS if k not in params]
     if missing:
         raise ValueError(f"{path} is missing {', '.join(missing)}")
+    _check_params(params, path)
     return params
+
+
+def _check_params(params: dict[str, Any], path: Path) -> None:
+    """Type and range of every numeric field, before any is used as a count (``n_layers: 1e9`` must not
+    build a billion names) or reaches the model (a NaN rope_theta would give NaN logits)."""
+    for key, optional in {**_PARAM_INTS, **_PARAM_FLOATS}.items():
+        value = params.get(key)
+        if value is None and (optional or key not in params):
+            continue
+        integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not (integral if key in _PARAM_INTS else real):
+            kind = "an integer" if key in _PARAM_INTS else "a number"
+            raise TypeError(f"{path}: {key} must be {kind}, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{path}: {key} must be a finite positive number, got {value!r}")
+    vocab = params.get("vocab_size", -1)
+    if isinstance(vocab, bool) or not isinstance(vocab, numbers.Integral) or (vocab <= 0 and vocab != -1):
+        raise ValueError(f"{path}: vocab_size must be a positive integer or -1 (from the tokenizer), got {vocab!r}")
+
+
+def _missing_tensors(shapes: dict[str, Any], n_layers: int, present: set[int]) -> tuple[int, list[str]]:
+    """How many of the tensors ``n_layers`` layers need are absent, and the first few names: counted in
+    O(layers present), never by listing every name ``n_layers`` implies (it comes from an unchecked file)."""
+    top = [k for k in ("tok_embeddings.weight", "norm.weight") if k not in shapes]
+    count = len(top) + len(_LAYER_NAMES) * (n_layers - len(present))
+    count += sum(f"layers.{i}.{suffix}" not in shapes for i in present for suffix in _LAYER_NAMES)
+    names, i = top[:6], 0
+    while len(names) < 6 and i < n_layers:
+        names += [k for suffix in _LAYER_NAMES if (k := f"layers.{i}.{suffix}") not in shapes][:6 - len(names)]
+        i += 1
+    return count, names
 
 
 def params_to_config(params: dict[str, Any], vocab_size: int, intermediate_size: int, tied: bool,
@@ -123,9 +168,8 @@ def params_to_config(params: dict[str, Any], vocab_size: int, intermediate_size:
         for key, default in _LLAMA3_ROPE_DEFAULTS.items():
             rope_scaling[key] = params.get(_PARAMS_ROPE_KEYS[key], default)
     if max_position_embeddings is None:
-        # params.json rarely says; these are the released context lengths of each generation.
-        max_position_embeddings = params.get("max_seq_len") or (
-            131072 if rope_scaling else 8192 if llama3 else 4096 if params_vocab == -1 else 2048)
+        max_position_embeddings = params.get(CONTEXT_KEY) or params.get("max_seq_len") or _released_context(
+            params, vocab_size)
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=dim, intermediate_size=intermediate_size,
         num_hidden_layers=params["n_layers"], num_attention_heads=n_heads,
@@ -135,6 +179,13 @@ def params_to_config(params: dict[str, Any], vocab_size: int, intermediate_size:
         bos_token_id=128000 if llama3 else 1, eos_token_id=128001 if llama3 else 2,
         dtype=str(dtype).removeprefix("torch."), extra={ORIGINAL_PARAMS_KEY: params},
     )
+
+
+def _released_context(params: dict[str, Any], vocab_size: int) -> int:
+    """params.json rarely says the context length; these are the released ones of each generation."""
+    llama3 = vocab_size >= 128000
+    return (131072 if params.get("use_scaled_rope") else 8192 if llama3
+            else 4096 if params.get("vocab_size", -1) == -1 else 2048)
 
 
 def config_to_params(config: LlamaConfig) -> dict[str, Any]:
@@ -165,6 +216,9 @@ def config_to_params(config: LlamaConfig) -> dict[str, Any]:
                 params[_PARAMS_ROPE_KEYS[key]] = value
     else:
         params.pop("use_scaled_rope", None)
+    params.pop(CONTEXT_KEY, None)
+    if config.max_position_embeddings != (params.get("max_seq_len") or _released_context(params, config.vocab_size)):
+        params[CONTEXT_KEY] = config.max_position_embeddings  # else HF -> Meta -> HF would change it
     return params
 
 
@@ -227,12 +281,15 @@ def read_meta(directory: str | Path, dtype: torch.dtype | None = None, group_byt
     unknown = [k for k in keys if meta_to_hf_name(k) is None]
     if unknown:
         raise ValueError(f"{directory}: unknown Meta tensor names: {', '.join(unknown[:6])}")
-    required = ["tok_embeddings.weight", "norm.weight"] + [
-        f"layers.{i}.{suffix}" for i in range(params["n_layers"]) for suffix in _LAYER_NAMES]
-    missing = [k for k in required if k not in shapes[0]]
-    if missing:
+    present = {int(m.group(1)) for k in keys if (m := _LAYER.match(k))}
+    beyond = sorted(i for i in present if i >= params["n_layers"])
+    if beyond:
+        raise ValueError(f"{directory}: params.json says n_layers={params['n_layers']}, but the shards hold "
+                         f"layer {beyond[-1]}")
+    count, missing = _missing_tensors(shapes[0], params["n_layers"], present)
+    if count:
         raise ValueError(f"{directory} (n_layers={params['n_layers']} in params.json) is missing "
-                         f"{len(missing)} tensors: {', '.join(missing[:6])}")
+                         f"{count} tensors: {', '.join(missing)}")
     dtypes = {d for s in shapes for _, d in s.values()}
     if len(dtypes) != 1:
         raise ValueError(f"{directory}: mixed dtypes {sorted(map(str, dtypes))}; a Meta checkpoint has one")
@@ -265,7 +322,9 @@ def read_meta(directory: str | Path, dtype: torch.dtype | None = None, group_byt
         full[axis] = sum(p[axis] for p in per_shard)
         merged[key] = tuple(full)
 
-    vocab = merged["tok_embeddings.weight"][0]
+    vocab, width = merged["tok_embeddings.weight"]
+    if width != params["dim"]:
+        raise ValueError(f"{directory}: tok_embeddings is {vocab} x {width}, but params.json says dim={params['dim']}")
     intermediate = merged["layers.0.feed_forward.w1.weight"][0]
     config = params_to_config(params, vocab, intermediate, "output.weight" not in merged, target,
                               max_position_embeddings)
@@ -308,7 +367,9 @@ def _merge_group(files: list[Path], group: list[str], embedding_dim: int | None,
         suffix = _LAYER.match(k).group(2) if _LAYER.match(k) else k
         if suffix in heads:
             t = interleaved_to_half(t, heads[suffix])
-        yield meta_to_hf_name(k), t.to(target)
+        t = t.to(target)
+        check_finite(meta_to_hf_name(k), t, files[0].parent)
+        yield meta_to_hf_name(k), t
 
 
 def _hf_order(meta_key: str) -> tuple:

@@ -7,6 +7,8 @@ dtype before a single weight is read. ``.bin`` checkpoints go only through the w
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..modeling.config import LlamaConfig
 from .dtypes import safetensors_dtype
+from .hub import trusted_roots
 
 SAFE_INDEX, SAFE_SINGLE = "model.safetensors.index.json", "model.safetensors"
 BIN_INDEX, BIN_SINGLE = "pytorch_model.bin.index.json", "pytorch_model.bin"
@@ -31,21 +34,79 @@ class TensorInfo:
     dtype: torch.dtype
 
 
+class NonFiniteWeightError(ValueError):
+    """A checkpoint tensor holds NaN or infinity (from_pretrained(check_finite=True))."""
+
+
+class NonFiniteWeightWarning(RuntimeWarning):
+    """A checkpoint tensor holds NaN or infinity: loaded or converted anyway, its outputs will be NaN."""
+
+
+def check_finite(name: str, tensor: torch.Tensor, where: object, error: bool = False) -> None:
+    """Warn (or, with ``error``, raise NonFiniteWeightError) when a floating-point tensor holds NaN or inf.
+
+    One reduction over a tensor that is being read anyway, with no tensor-sized temporary (isfinite would
+    allocate two, a third of the checkpoint's peak on the largest tensor): a NaN or inf anywhere makes the sum
+    NaN or inf. Only when the sum is not finite (or overflowed) are the values counted. Integer tensors (int8
+    weights) cannot be non-finite and are skipped."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if not bad:
+        return  # every value is finite; the sum overflowed
+    message = f"{where}: tensor {name} has {bad} NaN or infinite values (of {tensor.numel()})"
+    if error:
+        raise NonFiniteWeightError(message)
+    warnings.warn(message + "; its outputs will be NaN", NonFiniteWeightWarning, stacklevel=3)
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor -> shard file map, every entry checked to be a name and a relative file name."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{index} is not valid JSON: {e}") from e
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} is not a valid index: it needs a 'weight_map' object of tensor name -> shard "
+                         f"file, got {type(weight_map).__name__}")
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise ValueError(f"{index}: weight_map entry {name!r} must name a shard file, got {file!r}")
+    return weight_map
+
+
+def _inside(path: Path, roots: list[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def contained_file(directory: Path, name: str, where: object) -> Path:
+    """``directory / name``, refused (ValueError naming ``where`` and ``name``) unless it stays inside the
+    checkpoint: no absolute paths, no ``..`` out of it, no symlink leading elsewhere (a hub snapshot's
+    links into its repository's blob store are allowed). transformers follows such paths; we do not, so an
+    index cannot make the loader read arbitrary files."""
+    lexical = Path(os.path.normpath(directory / name))
+    if Path(name).is_absolute() or not _inside(lexical, [Path(os.path.normpath(directory))]):
+        raise ValueError(f"{where}: shard {name!r} is outside the checkpoint directory {directory}")
+    if not _inside(lexical.resolve(), trusted_roots(directory)):
+        raise ValueError(f"{where}: shard {name!r} resolves to {lexical.resolve()}, outside the checkpoint "
+                         f"directory {directory} (a symlink out of it?)")
+    return lexical
+
+
 def _weight_files(directory: Path) -> tuple[str, list[Path]]:
-    """("safetensors" | "bin", files) of the checkpoint in ``directory``."""
+    """("safetensors" | "bin", files) of the checkpoint in ``directory``, each checked to lie inside it."""
     for kind, index, single in (("safetensors", SAFE_INDEX, SAFE_SINGLE), ("bin", BIN_INDEX, BIN_SINGLE)):
         if (directory / index).is_file():
-            try:
-                weight_map = json.loads((directory / index).read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{directory / index} is not a valid index (needs a 'weight_map'): {e}") from e
-            files = [directory / name for name in dict.fromkeys(weight_map.values())]
+            weight_map = _read_weight_map(directory / index)
+            names = list(dict.fromkeys(weight_map.values()))
+            files = [contained_file(directory, name, directory / index) for name in names]
             missing = [str(f) for f in files if not f.is_file()]
             if missing:
                 raise FileNotFoundError(f"{directory / index} lists shards that do not exist: {', '.join(missing)}")
             return kind, files
         if (directory / single).is_file():
-            return kind, [directory / single]
+            return kind, [contained_file(directory, single, directory)]
     raise FileNotFoundError(
         f"no weights in {directory}: expected {SAFE_SINGLE}, {SAFE_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
     )

@@ -23,6 +23,16 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def trusted_roots(directory: Path) -> list[Path]:
+    """Where the files of a checkpoint in ``directory`` may really live (symlinks resolved): the directory
+    itself, and for a hub cache snapshot (``models--org--name/snapshots/<rev>``) its repository's blob store,
+    which the snapshot's files link into."""
+    roots = [directory.resolve()]
+    if directory.parent.name == "snapshots" and directory.parent.parent.name.startswith("models--"):
+        roots.append((directory.parent.parent / "blobs").resolve())
+    return roots
+
+
 def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None = None,
                        cache_dir: str | os.PathLike | None = None, token: str | bool | None = None,
                        allow_patterns: list[str] | None = None, what: str = "checkpoint",

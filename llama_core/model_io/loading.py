@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from ..modeling.config import LlamaConfig
 from ..quant import Int8Config, Int8Linear, replace_linears
 from .dtypes import parse_dtype
 from .gguf_file import find_gguf
-from .hf_checkpoint import TensorInfo, TensorStream, open_hf_checkpoint
+from .hf_checkpoint import NonFiniteWeightWarning, TensorInfo, TensorStream, check_finite, open_hf_checkpoint
 from .hub import resolve_checkpoint
 from .placement import device_for, resolve_device_map
 
@@ -30,6 +32,33 @@ logger = logging.getLogger(__name__)
 
 # Checkpoint keys that older exports carry and that hold nothing we need (recomputed from the config).
 IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+# ---------------------------------------------------------------------- sizes, before anything is built
+def check_config_against_tensors(config: LlamaConfig, infos: dict[str, TensorInfo], where: object) -> None:
+    """Raise ValueError unless the config's counts are what the checkpoint's tensor names and header shapes
+    say: as many layers as ``layers.N`` indices (0..N-1), and vocabulary, hidden, head and feed-forward sizes
+    equal to the first layer's shapes. Runs before the model is built, so an absurd config.json (a million
+    layers) fails in milliseconds instead of building modules for an hour."""
+    indices = {int(m.group(1)) for name in infos if (m := _LAYER_INDEX.search(name))}
+    n = config.num_hidden_layers
+    if indices != set(range(n)):
+        found = f"{len(indices)} layers (indices {min(indices)}..{max(indices)})" if indices else "no layers"
+        raise ValueError(f"{where}: config num_hidden_layers={n}, but the checkpoint's tensors hold {found}")
+    c = config
+    expected = {"embed_tokens.weight": ((c.vocab_size, c.hidden_size), "vocab_size, hidden_size"),
+                "layers.0.self_attn.q_proj.weight": ((c.num_attention_heads * c.head_dim, c.hidden_size),
+                                                     "num_attention_heads * head_dim, hidden_size"),
+                "layers.0.self_attn.k_proj.weight": ((c.num_key_value_heads * c.head_dim, c.hidden_size),
+                                                     "num_key_value_heads * head_dim, hidden_size"),
+                "layers.0.mlp.gate_proj.weight": ((c.intermediate_size, c.hidden_size),
+                                                  "intermediate_size, hidden_size")}
+    for suffix, (shape, fields) in expected.items():
+        name = next((k for k in infos if k == suffix or k.endswith("." + suffix)), None)
+        if name is not None and tuple(infos[name].shape) != shape:
+            raise ValueError(f"{where}: shape mismatch for {name}: checkpoint {list(infos[name].shape)}, but the "
+                             f"config ({fields}) implies {list(shape)}")
 
 
 # ---------------------------------------------------------------------- matching names to the model
@@ -144,7 +173,7 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
                     max_memory: dict | None = None, revision: str | None = None, cache_dir: Any = None,
                     token: Any = None, config: LlamaConfig | None = None, torch_dtype: Any = None,
                     quantize: Any = None, load_in_8bit: bool = False, gguf_file: str | None = None,
-                    **config_overrides: Any):
+                    check_finite: bool | None = None, **config_overrides: Any):
     """Build ``cls`` from a checkpoint directory or hub id, a GGUF file (or ``gguf_file`` inside a directory
     or hub repository), a Meta checkpoint directory or a llama2.c ``.bin`` file.
 
@@ -157,6 +186,9 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
     "int8") quantises the linear layers while loading: each weight is cast to ``dtype``, quantised on its
     device and freed before the next one is read, so the full-precision model never exists in memory.
     A checkpoint saved quantised (config.json ``quantization_config``) loads as int8 without it.
+
+    ``check_finite``: a weight holding NaN or infinity gives a RuntimeWarning naming it (None, the default),
+    a NonFiniteWeightError (True), or is not looked for (False).
     """
     if torch_dtype is not None:
         if dtype is not None:
@@ -175,6 +207,7 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
     else:
         target = parse_dtype(dtype) if dtype is not None else torch.get_default_dtype()
 
+    check_config_against_tensors(config, infos, path_or_hub_id)
     with torch.device("meta"):
         model = cls(config, init=False)
     names = _rename(infos, model)
@@ -195,7 +228,7 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
     buffer_keys = {name for name, _ in model.named_buffers()} & expected.keys()
     wanted = {ckpt_key: key for key, ckpt_key in names.items()
               if key in expected and not (tie and key == "lm_head.weight")}
-    for ckpt_key, tensor in stream():  # one tensor at a time, straight into the model
+    for ckpt_key, tensor in _checked(stream, check_finite, path_or_hub_id):  # one at a time, into the model
         key = wanted.get(ckpt_key)
         if key in quantize_on_load:
             quantize_on_load[key].set_weight(_place(tensor, target, device_for(key, placement)))
@@ -227,6 +260,22 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
         raise RuntimeError(f"tensors left unloaded: {leftover}")
     model.config.dtype = str(target).removeprefix("torch.")
     return model.eval()
+
+
+def _checked(stream: TensorStream, finite: bool | None, where: object):
+    """The stream, each tensor checked for NaN / inf as it is read (unless ``finite`` is False). The
+    converters' readers (Meta, llama2.c, GGUF) warn on their own; those warnings are silenced while a tensor
+    is produced, so each tensor is reported once, here, as ``finite`` asks."""
+    tensors = stream()
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NonFiniteWeightWarning)
+            item = next(tensors, None)
+        if item is None:
+            return
+        if finite is not False:
+            check_finite(*item, where, error=bool(finite))
+        yield item
 
 
 def _place(t: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

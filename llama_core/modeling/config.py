@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,19 @@ ROPE_REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
 
 # Keys that config.json files carry but that describe the file, not the model; dropped on read.
 _FILE_ONLY_KEYS = {"architectures", "model_type", "transformers_version", "_name_or_path", "auto_map"}
+
+# Field types, checked before any arithmetic on them: a config.json string or bool where a number belongs
+# would otherwise fail deep inside (or, worse, silently: ``nan <= 0`` is False).
+_COUNT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "max_position_embeddings", "pretraining_tp", "num_labels")
+_TOKEN_FIELDS = ("pad_token_id", "bos_token_id")
+_BOOL_FIELDS = ("use_cache", "tie_word_embeddings", "attention_bias", "mlp_bias")
+# float field -> (lowest allowed, whether the lowest itself is allowed, highest allowed)
+_FLOAT_RANGES = {"rms_norm_eps": (0.0, False, math.inf), "rope_theta": (0.0, False, math.inf),
+                 "initializer_range": (0.0, True, math.inf), "attention_dropout": (0.0, True, 1.0)}
+# rope_scaling keys that hold numbers; every one must be finite, these ones also positive.
+_ROPE_POSITIVE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                       "attention_factor", "beta_fast", "beta_slow")
 
 
 @dataclass
@@ -63,7 +78,11 @@ class LlamaConfig:
     # int8 checkpoints (llama_core.quant): {"quant_method": "llama_core_int8", "mode", "threshold", "skip"}.
     quantization_config: dict[str, Any] | None = None
     # Task heads.
-    num_labels: int = 2
+    # None -> len(id2label), else 2 (transformers' PretrainedConfig). config.json files written by transformers
+    # carry only id2label / label2id; we write all three.
+    num_labels: int | None = None
+    id2label: dict[int, str] | None = None  # None -> {i: "LABEL_i"}
+    label2id: dict[str, int] | None = None  # None -> the inverse of id2label
     problem_type: str | None = None  # "regression" | "single_label_classification" | "multi_label_classification"
     # Runtime choices, not architecture fields (never read from or written to config.json):
     attn_implementation: str = "sdpa"  # "sdpa" or "eager"
@@ -72,6 +91,8 @@ class LlamaConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
+        self._resolve_labels()
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -86,12 +107,62 @@ class LlamaConfig:
         self.validate()
 
     # ------------------------------------------------------------------ validation
+    def _check_types(self) -> None:
+        """TypeError naming the field for a value of the wrong type; numbers are normalised to int / float."""
+        for name in _COUNT_FIELDS + _TOKEN_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _as_int(value, name))
+        if self.eos_token_id is not None:
+            eos = self.eos_token_id
+            self.eos_token_id = ([_as_int(v, "eos_token_id") for v in eos] if isinstance(eos, (list, tuple))
+                                 else _as_int(eos, "eos_token_id"))
+        for name in _FLOAT_RANGES:
+            setattr(self, name, _as_float(getattr(self, name), name))
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("hidden_act", "dtype", "problem_type"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string, got {value!r}")
+        for name in ("rope_scaling", "quantization_config", "id2label", "label2id"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"{name} must be a mapping, got {value!r}")
+
+    def _resolve_labels(self) -> None:
+        """num_labels, id2label and label2id made consistent as transformers does: a num_labels that disagrees
+        with id2label wins (with a warning) and the label names become the defaults."""
+        id2label = None
+        if self.id2label is not None:
+            try:  # JSON object keys are strings: {"0": "negative", ...}
+                id2label = {_as_int(int(k) if isinstance(k, str) else k, "id2label key"): v
+                            for k, v in self.id2label.items()}
+            except ValueError as e:
+                raise ValueError(f"id2label keys must be label indices, got {list(self.id2label)!r}") from e
+            if sorted(id2label) != list(range(len(id2label))):
+                raise ValueError(f"id2label keys must be 0..n-1, got {sorted(id2label)}")
+        if self.num_labels is None:
+            self.num_labels = len(id2label) if id2label else 2
+        if id2label is not None and len(id2label) != self.num_labels:
+            logger.warning("num_labels=%d disagrees with id2label (%d labels): using num_labels and default "
+                           "label names", self.num_labels, len(id2label))
+            id2label, self.label2id = None, None
+        if self.num_labels <= 0:
+            raise ValueError(f"num_labels must be a positive integer, got {self.num_labels}")
+        self.id2label = id2label or {i: f"LABEL_{i}" for i in range(self.num_labels)}
+        if self.label2id is None:
+            self.label2id = {v: k for k, v in self.id2label.items()}
+        else:
+            self.label2id = {str(k): _as_int(v, f"label2id[{k!r}]") for k, v in self.label2id.items()}
+
     def validate(self) -> None:
         """Raise ValueError naming the offending field for configs no Llama can have."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        self._check_types()
+        for name in _COUNT_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
@@ -104,10 +175,12 @@ class LlamaConfig:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (Llama uses 'silu')")
         if self.pad_token_id is not None and not -self.vocab_size <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"pad_token_id {self.pad_token_id} is outside the vocabulary (vocab_size {self.vocab_size})")
-        if self.rms_norm_eps <= 0:
-            raise ValueError(f"rms_norm_eps must be positive, got {self.rms_norm_eps}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+        for name, (low, inclusive, high) in _FLOAT_RANGES.items():
+            value = getattr(self, name)
+            # math.isfinite first: NaN fails no comparison, so a range check alone lets it through.
+            if not math.isfinite(value) or value < low or (value == low and not inclusive) or value > high:
+                bound = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if math.isfinite(high) else "")
+                raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
         if self.attn_implementation not in ("sdpa", "eager"):
@@ -134,7 +207,12 @@ class LlamaConfig:
         return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
 
     def replace(self, **changes: Any) -> LlamaConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). A new num_labels brings default label names
+        unless id2label comes with it; a new id2label sets num_labels."""
+        if "num_labels" in changes and "id2label" not in changes:
+            changes.update(id2label=None, label2id=None)
+        elif "id2label" in changes and "num_labels" not in changes:
+            changes.update(num_labels=None, label2id=changes.get("label2id"))
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ dict / json
@@ -190,6 +268,7 @@ class LlamaConfig:
         out["rope_scaling"] = dict(self.rope_scaling) if self.rope_scaling else None
         out["rope_parameters"] = {"rope_type": "default", **(self.rope_scaling or {}), "rope_theta": self.rope_theta}
         out["dtype"] = out["torch_dtype"] = self.dtype
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}  # JSON keys are strings, as transformers
         return out
 
     @classmethod
@@ -259,10 +338,32 @@ def _validate_rope_scaling(scaling: dict[str, Any]) -> None:
     missing = [k for k in ROPE_REQUIRED_KEYS[rope_type] if scaling.get(k) is None]
     if missing:
         raise ValueError(f"rope_scaling ({rope_type}) is missing {', '.join('rope_scaling.' + k for k in missing)}")
+    for key, value in scaling.items():
+        if key in _ROPE_POSITIVE_KEYS and value is not None:
+            number = _as_float(value, f"rope_scaling.{key}")
+            if not math.isfinite(number) or number <= 0:
+                raise ValueError(f"rope_scaling.{key} must be a finite positive number, got {value!r}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"rope_scaling.{key} must be finite, got {value!r}")
+    original = scaling.get("original_max_position_embeddings")
+    if original is not None:
+        _as_int(original, "rope_scaling.original_max_position_embeddings")
     factor = scaling.get("factor")
-    if factor is not None and (not isinstance(factor, (int, float)) or factor <= 0):
-        raise ValueError(f"rope_scaling.factor must be a positive number, got {factor!r}")
     if rope_type in ("linear", "dynamic") and factor < 1:
         raise ValueError(f"rope_scaling.factor must be >= 1 for {rope_type} scaling, got {factor}")
     if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise ValueError("rope_scaling.high_freq_factor must be greater than rope_scaling.low_freq_factor")
+
+
+def _as_int(value: Any, name: str) -> int:
+    """``value`` as an int, or a TypeError naming the field (bools and floats are not counts)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _as_float(value: Any, name: str) -> float:
+    """``value`` as a float (ints accepted), or a TypeError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)

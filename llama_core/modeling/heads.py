@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .cache import Cache
 from .config import LlamaConfig
-from .model import LlamaModel
+from .model import LlamaModel, one_cache
 from .outputs import QuestionAnsweringOutput, SequenceClassifierOutput
 from .pretrained import LlamaPreTrainedModel
 
@@ -26,6 +26,10 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
     _init_if_missing = ("score.weight",)
     _ignore_if_unexpected = ("lm_head.weight",)
 
+    @classmethod
+    def _head_parameters(cls, config: LlamaConfig) -> int:
+        return config.num_labels * config.hidden_size
+
     def __init__(self, config: LlamaConfig, init: bool = True, kernels: str | None = None):
         super().__init__(config, kernels)
         self.model = LlamaModel(self.config, init=False)
@@ -36,7 +40,9 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool = False, labels: Tensor | None = None, output_hidden_states: bool = False,
-                inputs_embeds: Tensor | None = None) -> SequenceClassifierOutput:
+                inputs_embeds: Tensor | None = None, cache: Cache | None = None) -> SequenceClassifierOutput:
+        """``cache`` is transformers' newer name for ``past_key_values``; either is accepted."""
+        past_key_values = one_cache(past_key_values, cache)
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, inputs_embeds,
                          output_hidden_states)
         logits = self.score(out.last_hidden_state)  # [b, t, labels]
@@ -86,6 +92,10 @@ class LlamaForQuestionAnswering(LlamaPreTrainedModel):
     base_model_prefix = "transformer"
     _init_if_missing = ("qa_outputs.weight", "qa_outputs.bias")
     _ignore_if_unexpected = ("lm_head.weight",)
+
+    @classmethod
+    def _head_parameters(cls, config: LlamaConfig) -> int:
+        return 2 * config.hidden_size + 2
 
     def __init__(self, config: LlamaConfig, init: bool = True, kernels: str | None = None):
         super().__init__(config, kernels)

@@ -39,7 +39,10 @@ class LlamaModel(LlamaPreTrainedModel):
     def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
                 position_ids: Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool = False, inputs_embeds: Tensor | None = None,
-                output_hidden_states: bool = False, cache_position: Tensor | None = None) -> BaseModelOutput:
+                output_hidden_states: bool = False, cache_position: Tensor | None = None,
+                cache: Cache | None = None) -> BaseModelOutput:
+        """``cache`` is transformers' newer name for ``past_key_values`` (>= 5.24); either is accepted."""
+        past_key_values = one_cache(past_key_values, cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [b, t, h]
@@ -88,6 +91,15 @@ class LlamaModel(LlamaPreTrainedModel):
                                tuple(hidden_states) if hidden_states is not None else None)
 
 
+def one_cache(past_key_values: Cache | None, cache: Cache | None) -> Cache | None:
+    """The KV cache passed under either name: transformers 5.24 renamed forward's ``past_key_values`` to
+    ``cache`` (the old name deprecated); code written for either version works here. Both at once is an error
+    rather than a silent choice between two caches."""
+    if past_key_values is not None and cache is not None:
+        raise ValueError("pass the KV cache as cache= or as its older name past_key_values=, not both")
+    return cache if cache is not None else past_key_values
+
+
 def _check_mask(attention_mask: Tensor | None, b: int, t: int, kv_len: int, past: int) -> None:
     """A 2-D padding mask ``[b, past + t]`` or a 4-D boolean ``[b, 1, t, kv_len]`` (True = may attend)."""
     if attention_mask is None:
@@ -114,6 +126,10 @@ def _position_ids(attention_mask: Tensor | None, cache_position: Tensor, b: int,
 class LlamaForCausalLM(LlamaPreTrainedModel):
     """The decoder with a language-model head; ``lm_head`` shares the embedding when tied."""
 
+    @classmethod
+    def _head_parameters(cls, config: LlamaConfig) -> int:
+        return 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+
     def __init__(self, config: LlamaConfig, init: bool = True, kernels: str | None = None):
         super().__init__(config, kernels)
         self.model = LlamaModel(self.config, init=False)
@@ -126,11 +142,13 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
                 position_ids: Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool = False, labels: Tensor | None = None, output_hidden_states: bool = False,
                 inputs_embeds: Tensor | None = None, cache_position: Tensor | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, cache: Cache | None = None) -> CausalLMOutput:
         """``labels [batch, seq]`` are the input ids themselves (shifted here); -100 is ignored.
 
         ``logits_to_keep=n`` computes logits for the last n positions only (generation needs one).
+        ``cache`` is transformers' newer name for ``past_key_values``; either is accepted.
         """
+        past_key_values = one_cache(past_key_values, cache)
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, inputs_embeds,
                          output_hidden_states, cache_position)
         h = out.last_hidden_state

@@ -24,6 +24,31 @@ from .layers import MLP, RMSNorm
 logger = logging.getLogger(__name__)
 
 
+class ModelTooLargeError(MemoryError, ValueError):
+    """A model whose parameters cannot fit in the memory of the device it is being built on."""
+
+
+def decoder_parameters(config: LlamaConfig) -> int:
+    """Parameters of the decoder (embeddings, layers, final norm) that ``config`` describes, from arithmetic
+    alone: nothing is allocated, so it can bound a config before any module is built."""
+    c = config
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    attention = c.hidden_size * (q + 2 * kv) + q * c.hidden_size + (q + 2 * kv + c.hidden_size) * c.attention_bias
+    mlp = 3 * c.hidden_size * c.intermediate_size + (2 * c.intermediate_size + c.hidden_size) * c.mlp_bias
+    layer = attention + mlp + 2 * c.hidden_size  # + the two RMSNorm weights
+    return c.vocab_size * c.hidden_size + c.num_hidden_layers * layer + c.hidden_size
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes a model may use on ``device``: physical memory on the CPU, free memory on CUDA; None (unknown:
+    no check) elsewhere, and on ``meta``, which holds no data."""
+    if device.type == "cpu":
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return None
+
+
 class LlamaPreTrainedModel(nn.Module):
     # Attribute holding the LlamaModel; its state-dict keys start with "<prefix>." ("" for LlamaModel itself).
     base_model_prefix = "model"
@@ -38,6 +63,29 @@ class LlamaPreTrainedModel(nn.Module):
         if not isinstance(config, LlamaConfig):
             raise TypeError(f"config must be a LlamaConfig, got {type(config).__name__}")
         self.config = config if kernels is None else config.replace(kernels=kernels)
+        self._check_fits_in_memory()
+
+    @classmethod
+    def _head_parameters(cls, config: LlamaConfig) -> int:
+        """Parameters the model adds on top of the decoder (its head); overridden by each head."""
+        return 0
+
+    def _check_fits_in_memory(self) -> None:
+        """Refuse, with the number of bytes, a model whose parameters alone exceed the memory of the device
+        it is being built on (torch's default device: ``with torch.device(...)`` or set_default_device), before
+        anything is allocated: an absurd config otherwise fails deep inside the allocator, or swaps for hours."""
+        device = torch.empty(0).device  # the default device; meta for the loader's storage-free skeleton
+        available = available_memory(device)
+        if available is None:
+            return
+        count = decoder_parameters(self.config) + self._head_parameters(self.config)
+        dtype = torch.get_default_dtype()
+        needed = count * dtype.itemsize
+        if needed > available:
+            raise ModelTooLargeError(
+                f"{type(self).__name__} with this config has {count:,} parameters: {needed:,} bytes in {dtype}, "
+                f"more than the {available:,} bytes of {'free' if device.type == 'cuda' else 'physical'} memory "
+                f"on {device}; shrink the config, or build it on the meta device (with torch.device('meta'))")
 
     # ------------------------------------------------------------------ construction
     @classmethod
