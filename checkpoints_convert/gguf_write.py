@@ -12,8 +12,12 @@ replaces the output only when complete.
 
 from __future__ import annotations
 
+import errno
 import math
-from collections.abc import Callable
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +119,7 @@ def write_gguf(source: CheckpointSource, output: str | Path, outtype: str = "f32
             for kind in ("weight", "bias"):
                 rope_heads[f"model.layers.{i}.self_attn.{proj}.{kind}"] = heads
 
-    with atomic_file(output) as tmp:
+    with atomic_file(output) as tmp, _short_writes_as_no_space(tmp):
         writer = gguf.GGUFWriter(tmp, ARCHITECTURE)
         rope_freqs = _add_hyperparameters(writer, gguf, config, outtype)
         if add_metadata is not None:
@@ -147,3 +151,22 @@ def write_gguf(source: CheckpointSource, output: str | Path, outtype: str = "f32
             raise ValueError(f"{source.description}: the stream ended before {', '.join(list(types)[:5])}")
         writer.close()
     return Path(output)
+
+
+_SHORT_WRITE = re.compile(r"^(\d+) requested and \d+ written$")
+
+
+@contextmanager
+def _short_writes_as_no_space(path: Path) -> Iterator[None]:
+    """The gguf writer stores tensors with numpy's ``tofile``, which reports a failed write as "N requested
+    and M written" with no errno. With less than N bytes free on the file system that is a full disk:
+    raise it as ENOSPC, which ``atomic_file`` reports with the output's path."""
+    try:
+        yield
+    except OSError as e:
+        m = _SHORT_WRITE.match(str(e))
+        if e.errno is None and m is not None:
+            fs = os.statvfs(path.parent)
+            if fs.f_bavail * fs.f_frsize < int(m.group(1)):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from e
+        raise

@@ -158,8 +158,8 @@ def test_a_live_writers_temporary_is_not_removed(tmp_path):
 class _FullDiskFile:
     """A file whose writes fail with ENOSPC once ``budget`` bytes (shared by all files) are used up."""
 
-    def __init__(self, f, budget: list[int]):
-        self._f, self._budget = f, budget
+    def __init__(self, f, budget: list[int], fileno_full: bool):
+        self._f, self._budget, self._fileno_full = f, budget, fileno_full
 
     def write(self, data) -> int:
         n = len(data.encode()) if isinstance(data, str) else memoryview(data).nbytes
@@ -168,6 +168,19 @@ class _FullDiskFile:
         self._budget[0] -= n
         return self._f.write(data)
 
+    def fileno(self) -> int:
+        """numpy's ``tofile`` writes straight to ``fileno()``: sent to /dev/full, it fails as a full disk does."""
+        if not self._fileno_full:
+            return self._f.fileno()
+        self._f.flush()
+        self._full = builtins.open("/dev/full", "wb")  # noqa: SIM115 (closed in close())
+        return self._full.fileno()
+
+    def close(self) -> None:
+        if getattr(self, "_full", None) is not None:
+            self._full.close()
+        self._f.close()
+
     def __getattr__(self, name):
         return getattr(self._f, name)
 
@@ -175,7 +188,7 @@ class _FullDiskFile:
         return self
 
     def __exit__(self, *exc):
-        self._f.close()
+        self.close()
 
 
 @pytest.fixture
@@ -183,13 +196,13 @@ def full_disk(monkeypatch, tmp_path):
     """``full_disk(n)``: from now on, files opened for writing under tmp_path hold ``n`` more bytes in all."""
     real_open = builtins.open
 
-    def arm(budget_bytes: int) -> None:
+    def arm(budget_bytes: int, fileno_full: bool = False) -> None:
         budget = [budget_bytes]
 
         def fake_open(file, mode="r", *args, **kw):
             f = real_open(file, mode, *args, **kw)
             inside = isinstance(file, (str, os.PathLike)) and str(tmp_path) in os.fspath(file)
-            return _FullDiskFile(f, budget) if inside and any(c in mode for c in "wax+") else f
+            return _FullDiskFile(f, budget, fileno_full) if inside and any(c in mode for c in "wax+") else f
 
         monkeypatch.setattr(builtins, "open", fake_open)
         monkeypatch.setattr(io, "open", fake_open)  # pathlib's Path.open goes through io.open
@@ -230,3 +243,19 @@ def test_training_checkpoint_on_a_full_disk_names_the_file_and_keeps_the_last(tm
     assert list_checkpoints(root) == [good]
     assert {p.relative_to(good): p.read_bytes() for p in good.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]  # the partial one is gone
+
+
+def test_gguf_on_a_full_disk_names_the_file_and_keeps_the_old(tmp_path, full_disk, monkeypatch):
+    pytest.importorskip("gguf")
+    from checkpoints_convert.gguf_write import write_gguf
+    from checkpoints_convert.hf import read_hf
+
+    tiny_model(0).save_pretrained(tmp_path / "hf")
+    target = tmp_path / "m.gguf"
+    target.write_bytes(b"old")
+    full_disk(1 << 20, fileno_full=True)  # the header fits, the tensors do not
+    monkeypatch.setattr(os, "statvfs", lambda path: os.statvfs_result((4096, 4096, 1000, 0, 0, 10, 0, 0, 0, 255)))
+    with pytest.raises(OSError, match=f"no space left on device while writing {target}$"):
+        write_gguf(read_hf(tmp_path / "hf"), target, "f32", progress=False)
+    assert target.read_bytes() == b"old"
+    assert leftovers(tmp_path) == []
