@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from llama_core.model_io.hf_checkpoint import check_finite
+from llama_core.model_io.hf_checkpoint import check_finite, contained_file
 from llama_core.modeling.config import LlamaConfig
 
 from .permute import half_to_interleaved, interleaved_to_half
@@ -236,6 +236,8 @@ def _shard_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("consolidated.*.pth"))
     if not files:
         raise FileNotFoundError(f"{directory} has no consolidated.*.pth files")
+    # A rank file that is a symlink out of the checkpoint directory is refused, as HF shards are.
+    files = [contained_file(directory, f.name, directory) for f in files]
     numbers = [int(f.name.split(".")[1]) for f in files]
     if numbers != list(range(len(files))):
         raise ValueError(f"{directory}: model-parallel shards must be numbered 00..{len(files) - 1:02d}, "

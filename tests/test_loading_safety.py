@@ -317,3 +317,12 @@ def test_hub_snapshot_links_into_its_blobs_but_no_further(tmp_path):
     (snapshot / "model.safetensors").symlink_to(tmp_path / "plain" / "model.safetensors")
     with pytest.raises(ValueError, match=r"resolves to .* outside the checkpoint directory"):
         LlamaForCausalLM.from_pretrained(snapshot)
+
+
+def test_meta_rank_file_linking_out_of_the_checkpoint_is_refused(tmp_path):
+    saved(tmp_path, "hf")
+    hf_to_meta(tmp_path / "hf", tmp_path / "meta", progress=False)
+    (tmp_path / "meta" / "consolidated.00.pth").rename(tmp_path / "elsewhere.pth")
+    (tmp_path / "meta" / "consolidated.00.pth").symlink_to(tmp_path / "elsewhere.pth")
+    with pytest.raises(ValueError, match=r"consolidated\.00\.pth' resolves to .*elsewhere\.pth, outside"):
+        read_meta(tmp_path / "meta")
