@@ -115,3 +115,19 @@ def test_unknown_preset_lists_known_ones():
     assert "tiny" in str(e.value)
     assert "tiny" in preset_names()
     assert LlamaConfig.from_preset("tiny", num_hidden_layers=1).num_hidden_layers == 1
+
+
+def test_config_save_is_atomic_and_leaves_no_temporary(tmp_path, monkeypatch):
+    """A failing rename keeps the old config.json and leaves no temporary behind."""
+    import os
+
+    LlamaConfig(vocab_size=128).save_pretrained(tmp_path)
+    before = (tmp_path / "config.json").read_text()
+
+    def broken(src, dst):
+        raise OSError("simulated failure")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError, match="simulated"):
+        LlamaConfig(vocab_size=256).save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").read_text() == before and sorted(os.listdir(tmp_path)) == ["config.json"]

@@ -294,13 +294,21 @@ class LlamaConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` into ``directory`` (created if needed); atomic per file."""
+        """Write ``config.json`` into ``directory`` (created if needed) atomically: a temporary named for this
+        process (so concurrent writers never share one), flushed to disk, then renamed over the target.
+        (``save_pretrained`` of a model writes its config inside model_io's locked atomic directory.)"""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / "config.json"
-        tmp = directory / ".config.json.tmp"
-        tmp.write_text(self.to_json_string(), encoding="utf-8")
-        os.replace(tmp, target)
+        tmp = directory / f".config.json.tmp.{os.getpid()}.{os.urandom(4).hex()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(self.to_json_string())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
         return target
 
     @classmethod
