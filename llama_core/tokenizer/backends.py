@@ -35,6 +35,43 @@ def import_tokenizers(path: str | Path) -> Any:
     return tokenizers
 
 
+# tokenizers' Oniguruma regex pre-tokenizers (Llama 3, SmolLM2) panic once one match needs more retries than the
+# engine allows, which a whitespace run of some millions of characters does; the panic is pyo3's PanicException,
+# a BaseException that `except Exception` misses. Runs longer than this are cut every this many characters from
+# the run's start before the text reaches the library. BPE on a run of one repeated character produces blocks
+# of a power-of-two length (128 spaces, 32 newlines, 16 tabs in Llama 3; 64 spaces in SmolLM2): cutting at a
+# multiple of them, away from the run's end, gives the library's own ids (tested). Ordinary text never has such
+# runs and is not cut.
+MAX_WHITESPACE_RUN = 1 << 16
+_LONG_WHITESPACE = re.compile(rf"\s{{{MAX_WHITESPACE_RUN + 1},}}")
+
+
+def cut_long_whitespace(text: str, max_run: int = MAX_WHITESPACE_RUN) -> list[str]:
+    """`text` in pieces whose whitespace runs have at most 2 * `max_run` characters each (`text` alone if none)."""
+    if len(text) <= max_run:
+        return [text]
+    pattern = _LONG_WHITESPACE if max_run == MAX_WHITESPACE_RUN else re.compile(rf"\s{{{max_run + 1},}}")
+    pieces, cut = [], 0
+    for run in pattern.finditer(text):
+        # Cuts leave more than max_run characters of the run after them: BPE treats the last block of a run
+        # together with its remainder, so the uncut tail keeps the library's ids.
+        for pos in range(run.start() + max_run, run.end() - max_run, max_run):
+            pieces.append(text[cut:pos])
+            cut = pos
+    pieces.append(text[cut:])
+    return pieces
+
+
+def check_unicode(text: str, what: str = "text") -> None:
+    """Every backend refuses text that is not valid Unicode (lone surrogates such as "\\ud800", which only
+    arise from broken decoding) with the same error, instead of each library's own raw one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: lone surrogate {text[e.start]!r} at position {e.start} "
+                         "(from errors='surrogateescape' decoding or broken UTF-16; decode with errors='replace')") from None
+
+
 def _dedupe(ids: Sequence[int | None]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(i for i in ids if i is not None))
 
@@ -186,6 +223,13 @@ def _decoder_specs(spec: Any) -> list[dict[str, Any]]:
     return []
 
 
+def _pre_tokenizer_specs(spec: Any) -> list[dict[str, Any]]:
+    """Every pre-tokenizer in a tokenizer.json pre-tokenizer spec (Sequence pre-tokenizers nest)."""
+    if isinstance(spec, dict):
+        return [spec, *(p for s in spec.get("pretokenizers", []) for p in _pre_tokenizer_specs(s))]
+    return []
+
+
 def _post_processor_specs(spec: Any) -> list[dict[str, Any]]:
     """Every post-processor in a tokenizer.json post-processor spec, in order (Sequence processors nest)."""
     if isinstance(spec, dict):
@@ -268,6 +312,11 @@ class HFBackend(Backend):
         self.special_tokens = {t.content: i for i, t in added.items() if t.special}
         self.vocab_size = max([*tk.get_vocab(with_added_tokens=False).values(), *added]) + 1
         self._lock = threading.Lock()  # encode_special_tokens is tokenizer-wide state, toggled per call
+        # Only regex pre-tokenizers panic on long runs; sentencepiece-style files (no pre-tokenizer, or
+        # Metaspace) see the whole text as one piece, where a cut would add a dummy-prefix space.
+        pre = json.loads(tk.pre_tokenizer.__getstate__()) if tk.pre_tokenizer is not None else None
+        self._regex_split = any(p.get("type") == "Split" or (p.get("type") == "ByteLevel" and p.get("use_regex", True))
+                                for p in _pre_tokenizer_specs(pre))
 
         specs = _decoder_specs(json.loads(tk.decoder.__getstate__()) if tk.decoder is not None else None)
         types = {d.get("type") for d in specs}
@@ -290,9 +339,15 @@ class HFBackend(Backend):
     def encode_batch(self, texts: Sequence[str], allow_special: bool) -> list[list[int]]:
         # add_special_tokens=False: BOS/EOS are the Tokenizer's job (some tokenizer.json post-processors add BOS,
         # others do not); encode_special_tokens=True is transformers' split_special_tokens.
+        pieces = [cut_long_whitespace(t) if self._regex_split else [t] for t in texts]
         with self._lock:
             self.tk.encode_special_tokens = not allow_special
-            return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
+            encoded = self.tk.encode_batch([p for ps in pieces for p in ps], add_special_tokens=False)
+        rows, k = [], 0
+        for ps in pieces:  # pieces of one text back into one row
+            rows.append([i for e in encoded[k:k + len(ps)] for i in e.ids])
+            k += len(ps)
+        return rows
 
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)

@@ -14,6 +14,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+from . import template_sandbox
+
 Message = Mapping[str, Any]
 # A prompt segment: a special token id, or text to encode as ordinary text (no BOS/EOS, nothing special).
 Segment = int | str
@@ -75,25 +77,27 @@ def llama2_segments(messages: Sequence[Message], bos: int, eos: int) -> list[Seg
 
 @lru_cache(maxsize=16)
 def _compile(template: str) -> Any:
-    # Chat templates come from hub repos: untrusted code, so a sandbox, and the same environment as
-    # transformers (trim_blocks, lstrip_blocks, loop controls, its tojson, raise_exception, strftime_now) so a
-    # template renders here exactly as it does there.
+    # Chat templates come from hub repos: untrusted code, so a sandbox bounded in time and memory
+    # (template_sandbox), and the same settings as transformers (trim_blocks, lstrip_blocks, loop controls, its
+    # tojson, raise_exception, strftime_now) so a template renders here exactly as it does there.
     import jinja2
     import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from .template_sandbox import BoundedSandbox, check_indent
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
                sort_keys: bool = False) -> str:
+        check_indent(x, indent)
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
+    return env.compile_bounded(template)
 
 
 def render_template(template: str, messages: Sequence[Message], add_generation_prompt: bool,
@@ -103,8 +107,8 @@ def render_template(template: str, messages: Sequence[Message], add_generation_p
     if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence):
         raise TypeError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
     variables = {"tools": None, "documents": None, **special_tokens, **kwargs}
-    return _compile(template).render(messages=[dict(m) for m in messages],
-                                     add_generation_prompt=add_generation_prompt, **variables)
+    return template_sandbox.render(_compile(template), {"messages": [dict(m) for m in messages],
+                                                        "add_generation_prompt": add_generation_prompt, **variables})
 
 
 def pick_template(chat_template: Any) -> str | None:

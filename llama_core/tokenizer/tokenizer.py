@@ -28,7 +28,7 @@ from ..model_io.gguf_file import GGUF_SUFFIX, find_gguf
 from ..model_io.hub import resolve_checkpoint
 from ..modeling.config import read_json_object
 from . import chat_template, detokenize, gguf_vocab, tiktoken_llama3
-from .backends import Backend, HFBackend, SentencePieceBackend, TiktokenBackend
+from .backends import Backend, HFBackend, SentencePieceBackend, TiktokenBackend, check_unicode
 from .detokenize import IncrementalDecoder
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ def _check_text(text: object) -> str:
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}" +
                         ("; call the tokenizer itself, tok(texts), for a batch" if isinstance(text, (list, tuple)) else ""))
+    check_unicode(text)
     return text
 
 
@@ -246,6 +247,7 @@ class Tokenizer:
         for k, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"text {k} of the batch must be a str, got {type(t).__name__}")
+            check_unicode(t, f"text {k} of the batch")
         if padding not in (True, False, "longest", "do_not_pad"):
             raise ValueError(f"padding must be True/'longest' or False/'do_not_pad', got {padding!r}")
         if padding_side not in ("left", "right"):
@@ -314,6 +316,7 @@ class Tokenizer:
             if isinstance(s, int):
                 ids.append(s)
             else:
+                check_unicode(s, "a chat message")
                 ids += self.backend.encode(s, allow_special=False)
         return ids
 
