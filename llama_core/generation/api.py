@@ -60,15 +60,16 @@ def generate(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor |
 
     Returns ``[batch * num_return_sequences, prompt + new]`` ids (rows of one prompt are adjacent), or a
     :class:`GenerationOutput` with ``output_logprobs=True``. All arguments are checked (ValueError) before
-    the first forward.
+    the first forward (TypeError for an argument of the wrong type).
 
     - Greedy by default; ``do_sample=True`` samples after ``temperature``, ``top_k`` (0 = off), ``top_p``
       and ``min_p``, applied in that order as transformers' warpers (``temperature=0`` means greedy).
       Unlike transformers, ``top_k`` defaults to 0 (off), not 50. ``repetition_penalty`` and
       ``no_repeat_ngram_size`` apply to greedy, sampling and beams alike, over prompt + generated tokens.
-    - Randomness comes only from a local ``torch.Generator`` on the model's device: ``seed`` makes a run
-      reproducible, ``generator`` continues one; with neither, a fresh nondeterministic seed is drawn
-      (``torch.manual_seed`` does not make sampling here reproducible: the global RNG is never used).
+    - Randomness: ``seed`` samples from a local ``torch.Generator`` seeded with it (the global RNG is left
+      alone), ``generator`` continues one of yours (on the model's device); with neither, sampling draws
+      from torch's default generator of the device, so ``torch.manual_seed(n)`` before ``generate`` makes
+      it reproducible, as in transformers.
     - ``num_beams > 1``: beam search as transformers (``length_penalty``; ``early_stopping`` True, False or
       "never"); returns the best ``num_return_sequences`` beams per prompt.
     - ``eos_token_id``: one id or several (default ``config.eos_token_ids``; ``[]`` never stops early);

@@ -7,6 +7,8 @@ The decode loop and beam search read only the plan, never the raw keyword argume
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -52,8 +54,35 @@ class Plan:
     check_every: int
 
 
+# Arguments that must be numbers; a string ("0.7", from a config file or a CLI parsed by hand), a bool or a float
+# where a count belongs would otherwise fail deep inside a comparison or torch op with an unnamed TypeError.
+_INT_ARGS = ("max_new_tokens", "num_beams", "num_return_sequences", "top_k", "no_repeat_ngram_size", "check_every")
+_REAL_ARGS = ("temperature", "top_p", "min_p", "repetition_penalty", "length_penalty")
+
+
+def _check_types(o: dict[str, Any]) -> dict[str, Any]:
+    """TypeError naming the argument for a wrong type; numpy/torch-free ints and floats returned as Python's."""
+    o = dict(o)
+    for name in (*_INT_ARGS, "seed"):
+        value = o[name]
+        if name == "seed" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        o[name] = int(value)
+    for name in _REAL_ARGS:
+        value = o[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number (int or float), got {type(value).__name__} {value!r}")
+        o[name] = float(value)
+        if not math.isfinite(o[name]):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+    return o
+
+
 def prepare(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | None,
             o: dict[str, Any]) -> Plan:
+    o = _check_types(o)
     config = model.config
     device = model.get_input_embeddings().weight.device
     vocab = model.get_input_embeddings().num_embeddings
@@ -128,12 +157,11 @@ def prepare(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor | 
     if generator is not None:
         check(isinstance(generator, torch.Generator) and generator.device.type == device.type,
               f"generator must be a torch.Generator on the model's device ({device})")
-    elif do_sample:
+    elif do_sample and o["seed"] is not None:
         generator = torch.Generator(device=device)
-        if o["seed"] is None:
-            generator.seed()  # nondeterministic, and leaves the global RNG alone
-        else:
-            generator.manual_seed(o["seed"])
+        generator.manual_seed(o["seed"])
+    # With neither, generator stays None: sampling draws from torch's default generator of the device, so
+    # torch.manual_seed(n) (or transformers.set_seed) before generate makes it reproducible, as in transformers.
 
     # Inputs: in the vocabulary, left padding only, every row with at least one real token (host reads,
     # once per call).
