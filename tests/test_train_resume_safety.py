@@ -97,3 +97,32 @@ def test_resume_auto_refuses_a_crafted_checkpoint(corpus, tmp_path):  # noqa: F8
     with pytest.raises(UnsafeCheckpointError, match=str(path / ".metadata")):
         train(make_config(corpus, out, max_steps=4, checkpoint_every=2, resume="auto"))
     assert not marker.exists()
+
+
+def test_a_second_run_into_the_same_output_dir_fails_at_once(corpus, tmp_path):  # noqa: F811 (the fixture)
+    """One training run per output directory: while a live process holds it, another run is refused at once
+    (naming the holder), nothing of it written; a killed holder (kill -9) does not block the next run."""
+    import signal
+    import subprocess
+    import sys
+
+    from llama_core.model_io.atomic import BusyError, exclusive_directory
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from llama_core.model_io.atomic import exclusive_directory\n"
+        f"with exclusive_directory({str(out)!r}, 'training run'):\n"
+        "    print('held', flush=True); time.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BusyError, match=rf"in use by another training run \(pid {holder.pid}\)"):
+            train(make_config(corpus, out, max_steps=2))
+        assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    result = train(make_config(corpus, out, max_steps=2))
+    assert len(result.logs) == 2
+    with exclusive_directory(out, "training run"):  # released at the end of the run
+        pass

@@ -92,7 +92,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
     final, tmp = root / f"step_{step:08d}", root / f".step_{step:08d}.tmp"
     if d.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".step_*.tmp"):  # a crashed earlier save
+        for stale in root.glob(".step_*.tmp"):  # a crashed earlier save (train() holds the directory's lock)
             shutil.rmtree(stale, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     _barrier(d)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..model_io.atomic import exclusive_directory
 from ..model_io.gguf_file import find_gguf
 from ..tokenizer import TOKENIZER_FILES
 from ..tokenizer.gguf_vocab import save_hf_tokenizer_files
@@ -100,8 +102,18 @@ def micro_step_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) -> TrainResult:
-    """Run (or resume) training as ``cfg`` says. ``on_step`` is called on every rank after each step."""
+    """Run (or resume) training as ``cfg`` says. ``on_step`` is called on every rank after each step.
+
+    One run per output directory: the launching rank 0 holds its lock for the whole run, so a second run into
+    the same directory fails at once (BusyError) instead of interleaving checkpoints, and a crashed run's
+    partial checkpoint can be cleared by the next without asking whose it is."""
     cfg.check()
+    rank = int(os.environ.get("RANK", "0"))  # before the process group exists: torchrun's launch rank
+    with exclusive_directory(cfg.output_dir, "training run") if rank == 0 else contextlib.nullcontext():
+        return _run(cfg, on_step)
+
+
+def _run(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None) -> TrainResult:
     d = init_distributed(cfg.device, cfg.parallel)
     accumulation = cfg.accumulation_steps(d.dp_world)  # before anything heavy: the batch must split evenly
     resume = resolve_resume(cfg)
