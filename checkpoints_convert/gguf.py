@@ -163,12 +163,22 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _check_block_count(f: GGUFFile, block_count: int) -> None:
+    """The metadata's layer count against the layers the file has tensors for, before anything is sized by
+    it (a crafted ``block_count`` of 2**31 would otherwise list billions of expected names)."""
+    layers = {int(m.group(1)) for t in f.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))}
+    if block_count != len(layers):
+        raise ValueError(f"{f.path}: llama.block_count is {block_count} but the file holds tensors of "
+                         f"{len(layers)} layers")
+
+
 def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> CheckpointSource:
     """A ``llama`` GGUF as HF-named tensors in ``dtype`` (default: the file's own float type, float32 for a
     quantised file). Metadata, names and shapes are all checked here, before any tensor is read; tensors are
     then read and dequantised one at a time."""
     f = GGUFFile(path)
     config = gguf_config(f)
+    _check_block_count(f, config.num_hidden_layers)
     dtype = parse_dtype(dtype or config.dtype or "float32")
     config = config.replace(dtype=str(dtype).removeprefix("torch."))
     expected = expected_shapes(config)

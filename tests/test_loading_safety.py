@@ -123,6 +123,7 @@ _CHILD = textwrap.dedent("""
         "config_json_layers": lambda: LlamaForCausalLM.from_pretrained(files["config_json_layers"]),
         "llama2c_layers": lambda: read_llama2c(files["llama2c_layers"]),
         "meta_layers": lambda: read_meta(files["meta_layers"]),
+        "gguf_layers": lambda: LlamaForCausalLM.from_pretrained(files["gguf_layers"]),
         "constructor": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=10**6, hidden_size=8192,
             intermediate_size=32768, num_hidden_layers=4096, num_attention_heads=64)),
     }
@@ -149,6 +150,26 @@ def _llama2c_huge_header(path: Path) -> Path:
     return path
 
 
+def _gguf_huge_block_count(tmp: Path) -> Path:
+    """A real (tiny) GGUF whose ``llama.block_count`` is patched in place to 2**31 - 1."""
+    pytest.importorskip("gguf")
+    from checkpoints_convert.gguf_write import write_gguf
+    from llama_core.bench.llamacpp import minimal_vocab
+    from llama_core.tokenizer.gguf_export import add_tokenizer_metadata
+
+    random_model(small_config()).save_pretrained(tmp / "for_gguf")
+    path = tmp / "huge.gguf"
+    write_gguf(read_hf(tmp / "for_gguf"), path, "f32", progress=False,
+               add_metadata=lambda w: add_tokenizer_metadata(w, minimal_vocab(128)))
+    data = bytearray(path.read_bytes())
+    at = data.index(b"llama.block_count") + len(b"llama.block_count")
+    kind, count = struct.unpack_from("<II", data, at)  # value type (UINT32 = 4), then the value
+    assert (kind, count) == (4, 2)
+    struct.pack_into("<I", data, at + 4, 2**31 - 1)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _meta_huge_n_layers(directory: Path) -> Path:
     directory.mkdir()
     torch.save({"tok_embeddings.weight": torch.zeros(32, 16), "norm.weight": torch.ones(16)},
@@ -167,7 +188,8 @@ def huge_count_results(tmp_path_factory):
     edit_json(config_dir / "config.json", lambda d: d.update(num_hidden_layers=1_000_000))
     files = {"config_json_layers": str(config_dir),
              "llama2c_layers": str(_llama2c_huge_header(tmp / "huge.bin")),
-             "meta_layers": str(_meta_huge_n_layers(tmp / "meta"))}
+             "meta_layers": str(_meta_huge_n_layers(tmp / "meta")),
+             "gguf_layers": str(_gguf_huge_block_count(tmp))}
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(REPO), json.dumps(files)], capture_output=True,
                           text=True, timeout=120, env=env)
@@ -180,6 +202,7 @@ def huge_count_results(tmp_path_factory):
                                          r"layers"),
     ("llama2c_layers", "ValueError", r"n_layers=2147483647.* implies \d+ bytes \(truncated\)"),
     ("meta_layers", "ValueError", r"n_layers=1000000000 in params.json\) is missing 9000000000 tensors"),
+    ("gguf_layers", "ValueError", r"llama.block_count is 2147483647 but the file holds tensors of 2 layers"),
     ("constructor", "ModelTooLargeError", r"LlamaForCausalLM with this config has [\d,]+ parameters: [\d,]+ bytes in "
                                           r"torch.float32, more than the [\d,]+ bytes of physical memory on cpu"),
 ])
