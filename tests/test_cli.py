@@ -128,7 +128,7 @@ def test_chat_keeps_its_cache_across_turns(stories_hf, capsys, monkeypatch):
 
     monkeypatch.setattr(LlamaForCausalLM, "forward", spy)
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nTell me more\n"))
-    assert main(["chat", "--model", str(stories_hf), "--max-new-tokens", "8"]) == 0
+    assert main(["chat", "--model", str(stories_hf), "--max-new-tokens", "8", "--chat-template", "llama2"]) == 0
     replies = capsys.readouterr().out.split("> ")
     assert len([r for r in replies if r.strip()]) == 2
     prefills = [n for n in fed if n > 1]
@@ -149,7 +149,7 @@ def test_chat_compiled_gives_the_eager_replies(stories_hf, capsys, monkeypatch):
     replies = {}
     for flag in ("--no-compile", "--compile"):
         monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\nTell me more\n"))
-        assert main(["chat", "--model", str(stories_hf), "--max-new-tokens", "12", flag]) == 0
+        assert main(["chat", "--model", str(stories_hf), "--max-new-tokens", "12", "--chat-template", "llama2", flag]) == 0
         out, err = capsys.readouterr()
         replies[flag] = out
         assert ("compiles at the first reply" in err) == (flag == "--compile")
@@ -220,7 +220,8 @@ def test_ctrl_c_stops_generate_with_its_speed_line(stories_hf):
 
 def _chat(stories_hf, monkeypatch, capsys, lines, *flags):
     monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
-    code = main(["chat", "--model", str(stories_hf), "--max-new-tokens", "12", "--no-compile", *flags])
+    code = main(["chat", "--model", str(stories_hf), "--max-new-tokens", "12", "--no-compile", "--chat-template",
+                 "llama2", *flags])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -259,7 +260,8 @@ def test_chat_ctrl_c_stops_the_reply_and_returns_to_the_prompt(stories_hf, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr("builtins.input", at_the_prompt)
-    assert main(["chat", "--model", str(stories_hf), "--max-new-tokens", "12", "--no-compile"]) == 0
+    assert main(["chat", "--model", str(stories_hf), "--max-new-tokens", "12", "--no-compile", "--chat-template",
+                 "llama2"]) == 0
 
 
 @needs_stories
@@ -272,3 +274,52 @@ def test_chat_drops_the_oldest_turns_when_the_context_is_full(stories_hf, monkey
     assert code == 0 and "the oldest turn was dropped" in err
     assert "this message alone does not fit" in err
     assert len([r for r in out.split("> ") if r.strip()]) == 4  # three long ones and "Hi" were answered
+
+
+@needs_stories
+def test_a_completion_keeps_its_leading_space(stories_hf, capsys):
+    """The completion is decoded after the prompt's tokens, so prompt + completion is the decoded whole
+    ("The cat" + " was ...", not "The catwas"); --echo prints exactly that whole."""
+    from llama_core.generation import generate
+
+    tok = Tokenizer.from_pretrained(stories_hf)
+    model = LlamaForCausalLM.from_pretrained(stories_hf)
+    ids = tok.encode("The cat")
+    new = generate(model, torch.tensor([ids]), max_new_tokens=12, eos_token_id=[])[0, len(ids):].tolist()
+    whole = tok.decode(ids + new, skip_special_tokens=True)
+    argv = ["generate", "--model", str(stories_hf), "--prompt", "The cat", "--max-new-tokens", "12", "--no-compile"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out[0] == " " and tok.decode(ids, skip_special_tokens=True) + out.rstrip("\n") == whole
+    assert main([*argv, "--echo"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == whole
+
+
+@needs_stories
+def test_chat_without_a_template_is_refused_unless_a_format_is_named(stories_hf, capsys, tmp_path, monkeypatch):
+    """stories260K's tokenizer has no chat template and no Llama 3 headers: chat refuses to guess; a named
+    built-in format or a Jinja file is used as asked; impossible choices are named."""
+    from llama_core.cli.chat_format import choose_chat_format
+    from llama_core.tokenizer.chat_template import CHATML_TEMPLATE
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert main(["chat", "--model", str(stories_hf), "--max-new-tokens", "4"]) == 2
+    assert "has no chat template; pass --chat-template" in capsys.readouterr().err
+    assert main(["generate", "--model", str(stories_hf), "--chat", "--prompt", "x"]) == 2
+    assert "has no chat template" in capsys.readouterr().err
+    tok = Tokenizer.from_pretrained(stories_hf)
+    choose_chat_format(tok, "chatml", "m")
+    assert tok.chat_template == CHATML_TEMPLATE
+    assert "<|im_start|>user\nHi<|im_end|>" in tok.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                                                      tokenize=False)
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<{{ m['content'] }}>{% endfor %}")
+    choose_chat_format(tok, str(template), "m")
+    assert tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False) == "<Hi>"
+    choose_chat_format(tok, "llama2", "m")
+    assert tok.chat_template is None and "[INST]" in tok.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                                                             tokenize=False)
+    with pytest.raises(ValueError, match="lacks Llama 3's header tokens"):
+        choose_chat_format(tok, "llama3", "m")
+    with pytest.raises(FileNotFoundError, match="neither a built-in format"):
+        choose_chat_format(tok, "vicuna", "m")

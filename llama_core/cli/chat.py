@@ -10,6 +10,7 @@ import torch
 
 from ..generation.sampling import LogitsSettings, process_logits, sample
 from ..generation.session import CACHE_BUCKET, Session
+from .chat_format import add_chat_template_argument, choose_chat_format
 from .generation_options import (
     add_compile_argument,
     add_generation_arguments,
@@ -27,6 +28,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     ends the session; ``/reset`` starts a new conversation."""
     check_sampling(args)
     model, tok = load_model_and_tokenizer(args)
+    choose_chat_format(tok, args.chat_template, args.model)
     positions = model.config.max_position_embeddings
     if args.max_new_tokens >= positions:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the model's "
@@ -114,5 +116,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
     add_generation_arguments(c)
     c.add_argument("--system", help="system prompt")
+    add_chat_template_argument(c)
     add_compile_argument(c)
     c.set_defaults(func=cmd_chat)

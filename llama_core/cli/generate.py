@@ -11,6 +11,7 @@ import torch
 from ..generation import generate
 from ..generation.session import bucketed_length
 from ..modeling.cache import StaticCache
+from .chat_format import add_chat_template_argument, choose_chat_format
 from .generation_options import (
     add_compile_argument,
     add_generation_arguments,
@@ -24,6 +25,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_sampling(args)
     model, tok = load_model_and_tokenizer(args)
     if args.chat:
+        choose_chat_format(tok, args.chat_template, args.model)
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:
         # BOS as the tokenizer file says (transformers does the same); an empty prompt starts from BOS
@@ -35,7 +37,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"the prompt ({len(ids)} tokens) plus --max-new-tokens {args.max_new_tokens} does not fit "
                          f"the model's {positions} positions")
     prompt = torch.tensor([ids], device=model.device)
+    # A completion continues the prompt's text: decoded after the prompt's tokens, its first word keeps its
+    # leading space (sentencepiece drops it from a text's first token). A chat reply is a text of its own.
     decoder = tok.incremental_decoder(skip_special_tokens=True)
+    if not args.chat:
+        decoder.add(ids)  # the prompt as context; its text is not printed again
+    if args.echo:
+        sys.stdout.write(tok.decode(ids, skip_special_tokens=True) if not args.chat else args.prompt + "\n")
     stops = set(tok.stop_ids) | set(model.config.eos_token_ids)
     times: list[float] = []
 
@@ -98,5 +106,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_generation_arguments(g)
     g.add_argument("--prompt", required=True, help="the text to continue ('' starts from BOS)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    add_chat_template_argument(g)
+    g.add_argument("--echo", action="store_true", help="print the prompt before the completion")
     add_compile_argument(g)
     g.set_defaults(func=cmd_generate)

@@ -20,6 +20,15 @@ Message = Mapping[str, Any]
 # A prompt segment: a special token id, or text to encode as ordinary text (no BOS/EOS, nothing special).
 Segment = int | str
 
+# The special tokens that make Meta's Llama 3 chat format unambiguous for a tokenizer without a template.
+LLAMA3_HEADER_TOKENS = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+# ChatML (OpenAI's, used by Qwen, SmolLM and many fine-tunes), as the Jinja text such models ship.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
 _B_INST, _E_INST = "[INST]", "[/INST]"
 _B_SYS, _E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
