@@ -2,7 +2,8 @@
 
 Everything is written into a temporary sibling directory which then replaces the target with renames,
 so a crash leaves either the old checkpoint or the new one, never a mix. Files in an existing target
-that are not ours (tokenizer, generation config, README) are carried over. Tensors are streamed to disk
+that are not ours (generation config, README; the tokenizer unless a new one is written with it) are
+carried over. Tensors are streamed to disk
 one at a time, so saving needs no memory beyond the model itself.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +21,9 @@ from .atomic import atomic_directory
 from .hf_checkpoint import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE
 from .placement import parse_size
 from .safetensors_writer import write_sharded
+
+if TYPE_CHECKING:
+    from ..tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +48,29 @@ def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: t.detach() for k, t in state.items()}
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                    tokenizer: Tokenizer | None = None) -> Path:
+    """config.json and safetensors weights, plus ``tokenizer``'s files when given, in one atomic directory swap:
+    readers see the old directory or the complete new one, and a failure anywhere (a tokenizer that cannot be
+    written included) leaves the old one untouched. Other files of an existing directory are carried over,
+    except old tokenizer files when a tokenizer is written (a stale tokenizer.json would win over a new
+    tokenizer.model)."""
+    # Documented lazy import: the tokenizer package sits above model_io (it reads files through it).
+    from ..tokenizer.tokenizer import SAVED_FILES, Tokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+        raise TypeError(f"tokenizer must be a llama_core Tokenizer, got {type(tokenizer).__name__}")
     limit = parse_size(max_shard_size)
     state = state_dict_for_saving(model)
     config = model.config.replace(dtype=str(model.dtype).removeprefix("torch."))
     specs = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
-    with atomic_directory(directory, keep=lambda name: not is_weights_or_config(name)) as tmp:
+    owned = SAVED_FILES if tokenizer is not None else frozenset()
+    with atomic_directory(directory, keep=lambda name: not is_weights_or_config(name) and name not in owned) as tmp:
         config.save_pretrained(tmp)
         files = write_sharded(tmp, specs, iter(state.items()), limit)
+        if tokenizer is not None:
+            for name, data in tokenizer.files_to_save().items():
+                (tmp / name).write_bytes(data)
     target = Path(directory).expanduser().absolute()
     logger.info("saved %s (%d file%s) to %s", type(model).__name__, len(files), "s" * (len(files) > 1), target)
     return target

@@ -100,11 +100,14 @@ class LlamaPreTrainedModel(nn.Module):
 
         return load_pretrained(cls, path_or_hub_id, **kwargs)
 
-    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
-        """Write config.json and safetensors weights (sharded above ``max_shard_size``), atomically."""
+    def save_pretrained(self, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
+                        tokenizer: Any = None) -> Path:
+        """Write config.json and safetensors weights (sharded above ``max_shard_size``), atomically; with
+        ``tokenizer`` (a llama_core Tokenizer) its files too, in the same step, so the directory is complete
+        for ``from_pretrained`` and ``llama-core generate --model``."""
         from ..model_io.saving import save_pretrained  # documented lazy import, as from_pretrained
 
-        return save_pretrained(self, directory, max_shard_size=max_shard_size)
+        return save_pretrained(self, directory, max_shard_size=max_shard_size, tokenizer=tokenizer)
 
     def quantize(self, mode: Any = "int8", threshold: float | None = None, skip: Any = None) -> LlamaPreTrainedModel:
         """int8-quantise the linear layers in place (see :func:`llama_core.quant.quantize`)."""

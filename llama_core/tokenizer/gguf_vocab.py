@@ -307,14 +307,27 @@ def save_hf_tokenizer_files(gguf_path: str | os.PathLike, directory: str | os.Pa
     """Write the GGUF file's tokenizer as `tokenizer.json` + `tokenizer_config.json` in `directory` (for a GGUF ->
     HF conversion); transformers and `Tokenizer.from_pretrained` read them back with the GGUF's ids, BOS/EOS and
     chat template. Returns the two paths."""
+    vocab = read_gguf_vocab(Path(gguf_path))
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, data in hf_tokenizer_files(vocab).items():
+        (out / name).write_bytes(data)
+        written.append(out / name)
+    return written
+
+
+def hf_tokenizer_files(vocab: GGUFVocab) -> dict[str, bytes]:
+    """File name -> content of `vocab` as Hugging Face files: `tokenizer.json` (BOS/EOS in its post-processor)
+    and `tokenizer_config.json` (special tokens, chat template). Built in memory so that callers choose how to
+    write them (atomically one by one, or inside a directory swap)."""
     from tokenizers import processors
 
-    backend, template = load_gguf_backend(gguf_path)
-    v, tk = backend.vocab, backend.tk
+    v, tk = vocab, GGUFBackend(vocab).tk  # a fresh tokenizer: setting its post-processor touches no live one
     added = [(what, i) for what, i, on in (("BOS", v.bos_id, v.add_bos), ("EOS", v.eos_id, v.add_eos)) if on]
     if added:  # BOS / EOS go in the post-processor: with a tokenizer.json, transformers (5.x) looks only there
         if any(i is None for _, i in added):
-            raise ValueError(f"{gguf_path}: add_bos_token / add_eos_token is set, but the file names no such token")
+            raise ValueError(f"{v.source}: add_bos_token / add_eos_token is set, but the file names no such token")
         bos = [v.tokens[i] for what, i in added if what == "BOS"]  # type: ignore[index]
         eos = [v.tokens[i] for what, i in added if what == "EOS"]  # type: ignore[index]
         tk.post_processor = processors.TemplateProcessing(
@@ -325,10 +338,12 @@ def save_hf_tokenizer_files(gguf_path: str | os.PathLike, directory: str | os.Pa
     for key, i in (("bos_token", v.bos_id), ("eos_token", v.eos_id), ("unk_token", v.unk_id), ("pad_token", v.pad_id)):
         if i is not None:
             config[key] = v.tokens[i]
-    if template is not None:
-        config["chat_template"] = template
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    tk.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
-    return [out / "tokenizer.json", out / "tokenizer_config.json"]
+    if v.chat_template is not None:
+        config["chat_template"] = v.chat_template
+    return {"tokenizer.json": tk.to_str(pretty=True).encode(),
+            "tokenizer_config.json": json_bytes(config)}
+
+
+def json_bytes(obj: Any) -> bytes:
+    """JSON as transformers writes its config files (indented, UTF-8 kept readable)."""
+    return (json.dumps(obj, ensure_ascii=False, indent=2) + "\n").encode()

@@ -16,6 +16,7 @@ Conventions, the same for every backend:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -24,18 +25,23 @@ from typing import Any
 
 import torch
 
+from ..model_io.atomic import atomic_file
 from ..model_io.gguf_file import GGUF_SUFFIX, find_gguf
 from ..model_io.hub import resolve_checkpoint
 from ..modeling.config import read_json_object
-from . import chat_template, detokenize, gguf_vocab, tiktoken_llama3
+from . import chat_template, detokenize, gguf_export, gguf_vocab, tiktoken_llama3
 from .backends import Backend, HFBackend, SentencePieceBackend, TiktokenBackend, check_unicode
 from .detokenize import IncrementalDecoder
+from .gguf_vocab import GGUFBackend, json_bytes
 
 logger = logging.getLogger(__name__)
 
 # What from_pretrained downloads from the hub: the tokenizer, its config (chat template, special tokens), never
 # the weights. Meta's original tokenizer.model sits under original/ in HF repos and is not needed there.
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja"]
+# Every file a tokenizer save owns in a directory: written, or removed when stale, since a leftover
+# tokenizer.json would win over a new tokenizer.model and a chat_template.jinja over the config's template.
+SAVED_FILES = frozenset([*TOKENIZER_FILES, "special_tokens_map.json"])
 
 __all__ = ["TOKENIZER_FILES", "IncrementalDecoder", "Tokenizer"]
 
@@ -74,6 +80,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self.name_or_path = name_or_path
         config = config or {}
+        self._config = dict(config)  # tokenizer_config.json as read, written back by save_pretrained
         self._special_ids = frozenset(backend.special_tokens.values())
         self._special_text = {i: t for t, i in backend.special_tokens.items()}
 
@@ -319,6 +326,75 @@ class Tokenizer:
                 check_unicode(s, "a chat message")
                 ids += self.backend.encode(s, allow_special=False)
         return ids
+
+    # ---- saving -----------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | os.PathLike) -> list[Path]:
+        """Write this tokenizer's files into `directory` (created if needed) so that `Tokenizer.from_pretrained`
+        and transformers' `AutoTokenizer.from_pretrained` read it back with the same ids and chat template:
+        a sentencepiece model as `tokenizer.model` + `tokenizer_config.json` + `special_tokens_map.json` (as
+        transformers' LlamaTokenizer); anything else (tokenizer.json, Llama 3 tiktoken ranks, a GGUF vocabulary)
+        as `tokenizer.json` + `tokenizer_config.json`, since transformers cannot read the other two itself.
+
+        Each file is replaced atomically (concurrent writers serialise; a full disk is an OSError naming the
+        file); tokenizer files left from an earlier save of another format are removed afterwards. To write a
+        tokenizer together with weights in one step, use `model.save_pretrained(directory, tokenizer=self)`.
+        """
+        files = self.files_to_save()
+        out = Path(directory).expanduser()
+        written = []
+        for name, data in files.items():
+            with atomic_file(out / name) as tmp:
+                tmp.write_bytes(data)
+            written.append(out / name)
+        for stale in sorted(SAVED_FILES - files.keys()):
+            (out / stale).unlink(missing_ok=True)
+        logger.info("saved %s tokenizer to %s (%s)", self.kind, out, ", ".join(files))
+        return written
+
+    def files_to_save(self) -> dict[str, bytes]:
+        """File name -> content of what `save_pretrained` writes, built in memory."""
+        b = self.backend
+        if isinstance(b, SentencePieceBackend):
+            return self._sentencepiece_files(b)
+        if isinstance(b, HFBackend) and not isinstance(b, GGUFBackend):
+            return {"tokenizer.json": b.tk.to_str(pretty=True).encode(), "tokenizer_config.json": json_bytes(
+                self._saved_config(tokenizer_class="PreTrainedTokenizerFast", clean_up_tokenization_spaces=False))}
+        if isinstance(b, (TiktokenBackend, GGUFBackend)):
+            # Llama 3 ranks and GGUF vocabularies become a byte-level BPE tokenizer.json, as HF Llama 3 repos ship
+            return gguf_vocab.hf_tokenizer_files(gguf_export.gguf_vocab_of(self))
+        raise TypeError(f"cannot save a tokenizer with a {type(b).__name__} backend: llama_core writes "
+                        "sentencepiece, tokenizer.json, Llama 3 tiktoken and GGUF tokenizers")
+
+    def _sentencepiece_files(self, b: SentencePieceBackend) -> dict[str, bytes]:
+        """tokenizer.json + tokenizer_config.json + special_tokens_map.json, and the model itself as tokenizer.model,
+        as HF Llama 2 repos ship them. The tokenizer.json is what transformers reads: converting a bare
+        tokenizer.model needs protobuf, and its conversion splits on spaces, so " a  b" gets other ids than from
+        sentencepiece. Ours encodes as sentencepiece does (gguf_vocab.sentencepiece_json, tested)."""
+        names = {key: b.sp.id_to_piece(i) for key, i in (("bos_token", b.bos_id), ("eos_token", b.eos_id),
+                                                         ("unk_token", b.sp.unk_id()), ("pad_token", b.sp.pad_id()))
+                 if i is not None and i >= 0}
+        try:
+            files = gguf_vocab.hf_tokenizer_files(gguf_export.gguf_vocab_of(self))
+        except ValueError as e:  # a unigram or normalizing model has no tokenizer.json form of ours
+            raise ValueError(f"cannot save {self.name_or_path or 'this tokenizer'} in a form transformers reads "
+                             f"with the same ids: {e}") from e
+        config = {**self._config, **json.loads(files["tokenizer_config.json"])}
+        return {"tokenizer.model": b.sp.serialized_model_proto(), "tokenizer.json": files["tokenizer.json"],
+                "tokenizer_config.json": json_bytes(config), "special_tokens_map.json": json_bytes(names)}
+
+    def _saved_config(self, **defaults: Any) -> dict[str, Any]:
+        """tokenizer_config.json: the one read (its other keys kept) with `defaults` where it had none, and
+        this tokenizer's current chat template; a list of named templates stays as it was if unchanged."""
+        config = {**defaults, **self._config}
+        for key in ("add_bos_token", "add_eos_token"):
+            if key in defaults:  # what the backend does now wins over a stale value in the file
+                config[key] = defaults[key]
+        if chat_template.pick_template(self._config.get("chat_template")) != self.chat_template:
+            config["chat_template"] = self.chat_template
+        if config.get("chat_template") is None:
+            config.pop("chat_template", None)
+        return config
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, name_or_path={self.name_or_path!r})"
