@@ -417,3 +417,43 @@ def test_weight_bytes_counts_what_a_decode_step_reads(tied):
     int8 = [b for name, b in model.named_buffers() if name.endswith(("weight", "weight_scale"))]
     stored = sum(t.numel() * t.element_size() for t in [*model.parameters(), *int8])
     assert weight_bytes(model) == stored - emb.numel() * emb.element_size()
+
+
+def _synthetic(repeats, spread_=(0.9, 1.3), value=1.1):
+    row = {"impl": "llama_core", "mode": "eager", "batch": 1, "vs_transformers": value,
+           "vs_transformers_spread": list(spread_) if spread_ else None}
+    return {"settings": {"preset": "synthetic-100m", "dtype": "float32", "repeats": repeats},
+            "prefill": [row], "decode": [row]}
+
+
+def test_verdicts_carry_their_spread_or_say_why_there_is_none():
+    """A ratio's verdict prints its [min, max] over repeats and "within noise" when the target lies inside;
+    measured once, it gets no verdict and the line says why (a met/MISSED from one repeat flips between runs)."""
+    (prefill, decode) = evaluate(_synthetic(3), "cpu")
+    lines = target_lines({"models": [{"targets": [prefill, decode]}]})
+    assert lines[0].startswith("[met, within noise] prefill speed vs transformers")
+    assert lines[0].endswith(": 1.1 x (repeats 0.9-1.3) (target 1 x)")
+    assert lines[1].startswith("[MISSED] decode tok/s vs transformers") and "(repeats 0.9-1.3)" in lines[1]
+    (clear,) = target_lines({"models": [{"targets": evaluate(_synthetic(5, (1.6, 1.9), 1.7), "cpu")[1:]}]})
+    assert clear.startswith("[met] decode") and "within noise" not in clear and "(repeats 1.6-1.9)" in clear
+    once = evaluate(_synthetic(1, (1.1, 1.1)), "cpu")
+    assert [(t["ok"], t["within_noise"]) for t in once] == [(None, None)] * 2
+    for line in target_lines({"models": [{"targets": once}]}):
+        assert line.startswith("[no verdict: 1 repeat, no spread to tell it from noise (needs 2+)]")
+        assert "met" not in line and "MISSED" not in line and ": 1.1 x" in line
+
+
+def test_load_rss_verdict_has_a_spread_over_rounds():
+    from llama_core.bench.loading import _added_ratios
+
+    ours = [{"base_rss": 100, "peak_rss": 300}, {"base_rss": 100, "peak_rss": 260}]
+    theirs = [{"base_rss": 50, "peak_rss": 250}, {"base_rss": 50, "peak_rss": 210}]
+    assert _added_ratios(ours, theirs) == [1.0, 1.0]
+    assert _added_ratios(ours[:1], [{"base_rss": None, "peak_rss": 1}]) == []
+    load = [{"impl": "llama_core", "rss_ratio_vs_transformers": 0.9, "rss_ratio_vs_transformers_spread": [0.8, 1.05],
+             "repeats": 3}]
+    (rss,) = evaluate({"settings": {"preset": "synthetic-100m", "dtype": "float32"}, "load": load}, "cpu")
+    assert (rss["ok"], rss["within_noise"], rss["spread"]) == (True, True, [0.8, 1.05])
+    (once,) = evaluate({"settings": {"preset": "synthetic-100m", "dtype": "float32"},
+                        "load": [{**load[0], "repeats": 1, "rss_ratio_vs_transformers_spread": [0.9, 0.9]}]}, "cpu")
+    assert once["ok"] is None and "1 repeat" in once["no_verdict"]

@@ -23,6 +23,7 @@ import torch
 
 from .prefill import Progress
 from .setup import BenchSettings
+from .timing import spread
 
 _SCRIPT = r"""
 import json, sys, time
@@ -104,4 +105,14 @@ def bench_load(checkpoint: Path, settings: BenchSettings, progress: Progress,
         ours["vs_transformers"] = theirs["median_s"] / ours["median_s"]
         if ours["added_rss_bytes"] and theirs["added_rss_bytes"]:
             ours["rss_ratio_vs_transformers"] = ours["added_rss_bytes"] / theirs["added_rss_bytes"]
+            ours["rss_ratio_vs_transformers_spread"] = spread(_added_ratios(runs["llama_core"], runs["transformers"]))
     return rows
+
+
+def _added_ratios(ours: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[float]:
+    """Added peak RSS of ours over theirs, per interleaved round: their [min, max] is the RSS ratio's noise."""
+    def added(run: dict[str, Any]) -> int | None:
+        return None if run["peak_rss"] is None or run["base_rss"] is None else run["peak_rss"] - run["base_rss"]
+
+    pairs = [(added(a), added(b)) for a, b in zip(ours, theirs, strict=True)]
+    return [a / b for a, b in pairs if a is not None and b]

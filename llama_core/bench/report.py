@@ -211,6 +211,8 @@ def target_lines(record: Record) -> list[str]:
     lines = []
     for t in (t for m in record["models"] for t in m.get("targets", [])):
         verdict = {True: "met", False: "MISSED", None: "not measured"}[t["ok"]]
+        if t.get("no_verdict"):  # measured, but too few repeats to judge (see targets._check)
+            verdict = f"no verdict: {t['no_verdict']}"
         if t.get("within_noise"):
             verdict += ", within noise"
         value = "-" if t["value"] is None else f"{t['value']:.3g}"
