@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +27,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..model_io.atomic import exclusive_directory
-from ..model_io.gguf_file import find_gguf
-from ..tokenizer import TOKENIZER_FILES
-from ..tokenizer.gguf_vocab import save_hf_tokenizer_files
 from .build import (
     build_model,
     check_model_fits,
@@ -196,8 +192,8 @@ def _run(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None) -> TrainRe
     result.checkpoint = done or _save(out_dir, step, consumed, runner, optimizer, model, cfg, d)
     if cfg.export_hf:
         result.hf_dir = export_hf(runner, model.config, out_dir / "hf", d)
-        if d.is_main:
-            _copy_tokenizer(cfg, out_dir / "hf")
+        if d.is_main:  # the tokenizer beside the exported weights, so the export is usable on its own
+            tokenizer.save_pretrained(out_dir / "hf")
     return result
 
 
@@ -224,17 +220,3 @@ def _report(log: StepLog, bar: tqdm, metrics, cfg: TrainConfig, epoch: float) ->
         logger.info("step %d  loss %.4f  lr %.2e  grad norm %.3f  %s tok/s%s  epoch %.2f", log.step, log.loss,
                     log.lr, log.grad_norm, f"{log.tokens_per_s:,.0f}",
                     f"  mfu {log.mfu:.1%}" if log.mfu is not None else "", epoch)
-
-
-def _copy_tokenizer(cfg: TrainConfig, target: Path) -> None:
-    """Put the tokenizer beside the exported weights so the export is usable on its own."""
-    source = Path(cfg.tokenizer or cfg.init_from)
-    gguf = find_gguf(source) if source.exists() else None
-    if gguf is not None:  # a GGUF's vocabulary and chat template, written out as HF tokenizer files
-        save_hf_tokenizer_files(gguf, target)
-        return
-    folder = source if source.is_dir() else source.parent
-    names = TOKENIZER_FILES if source.is_dir() else [source.name, "tokenizer_config.json"]
-    for name in names:
-        if (folder / name).is_file():
-            shutil.copy2(folder / name, target / name)
