@@ -264,8 +264,10 @@ def _load_safely(state: dict[str, Any], path: Path, d: Dist) -> None:
         raise
 
 
-def export_hf(model: nn.Module, config: LlamaConfig, directory: str | os.PathLike, d: Dist) -> Path | None:
-    """Gather the full weights on rank 0 and ``save_pretrained`` them (safetensors that transformers loads).
+def export_hf(model: nn.Module, config: LlamaConfig, directory: str | os.PathLike, d: Dist,
+              tokenizer: Any = None) -> Path | None:
+    """Gather the full weights on rank 0 and ``save_pretrained`` them (safetensors that transformers loads),
+    with ``tokenizer``'s files in the same atomic directory swap, so the export is complete or absent.
 
     Collective; returns the directory on rank 0, None elsewhere.
     """
@@ -277,6 +279,6 @@ def export_hf(model: nn.Module, config: LlamaConfig, directory: str | os.PathLik
         plain.load_state_dict(full, assign=True)
         plain.tie_weights()
         plain.model.rotary_emb.reset_buffers("cpu")
-        out = plain.save_pretrained(directory)
+        out = plain.save_pretrained(directory, tokenizer=tokenizer)
     _barrier(d)
     return out

@@ -191,9 +191,8 @@ def _run(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None) -> TrainRe
     done = next((p for p in saved if p.name == f"step_{step:08d}"), None)
     result.checkpoint = done or _save(out_dir, step, consumed, runner, optimizer, model, cfg, d)
     if cfg.export_hf:
-        result.hf_dir = export_hf(runner, model.config, out_dir / "hf", d)
-        if d.is_main:  # the tokenizer beside the exported weights, so the export is usable on its own
-            tokenizer.save_pretrained(out_dir / "hf")
+        # the tokenizer beside the exported weights, so the export is usable on its own
+        result.hf_dir = export_hf(runner, model.config, out_dir / "hf", d, tokenizer=tokenizer)
     return result
 
 
