@@ -21,13 +21,46 @@ hf_checkpoint), never ``llama_core.model_io.loading``: the loader reaches the re
 documented lazy import, so this package sits above model_io's readers and below its loader.
 """
 
-from .convert import gguf_to_hf, hf_to_gguf, hf_to_meta, llama2c_to_hf, meta_to_hf, reshard
-from .gguf import read_gguf
-from .gguf_write import write_gguf
-from .hf import read_hf, write_hf
-from .llama2c import read_llama2c
-from .meta import read_meta
-from .source import CheckpointSource, TensorSpec
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Lazy (PEP 562): ``llama-core convert`` and ``python -m checkpoints_convert`` build their parser from ``cli``
+# (plain Python) and answer --help or an argument error without importing torch; the readers and
+# conversions load on first use. Module -> names, read by tests/test_import_layers.py as imports; the
+# TYPE_CHECKING block says the same for type checkers and IDEs.
+_LAZY_IMPORTS = {
+    ".convert": ("gguf_to_hf", "hf_to_gguf", "hf_to_meta", "llama2c_to_hf", "meta_to_hf", "reshard"),
+    ".gguf": ("read_gguf",),
+    ".gguf_write": ("write_gguf",),
+    ".hf": ("read_hf", "write_hf"),
+    ".llama2c": ("read_llama2c",),
+    ".meta": ("read_meta",),
+    ".source": ("CheckpointSource", "TensorSpec"),
+}
+_MODULE_OF = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}
+
+if TYPE_CHECKING:
+    from .convert import gguf_to_hf, hf_to_gguf, hf_to_meta, llama2c_to_hf, meta_to_hf, reshard
+    from .gguf import read_gguf
+    from .gguf_write import write_gguf
+    from .hf import read_hf, write_hf
+    from .llama2c import read_llama2c
+    from .meta import read_meta
+    from .source import CheckpointSource, TensorSpec
 
 __all__ = ["CheckpointSource", "TensorSpec", "gguf_to_hf", "hf_to_gguf", "hf_to_meta", "llama2c_to_hf", "meta_to_hf",
            "read_gguf", "read_hf", "read_llama2c", "read_meta", "reshard", "write_gguf", "write_hf"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name], __name__), name)
+    globals()[name] = value  # found by plain lookup from now on: __getattr__ runs once per name
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -14,27 +14,63 @@ A package imports only those above it in this list (``checkpoints_convert`` sits
 tests/test_import_layers.py, which fails on any import circle or undocumented upward import.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .generation import GenerationOutput, generate, stream_generate
-from .modeling import (
-    PRESETS,
-    BaseModelOutput,
-    Cache,
-    CausalLMOutput,
-    DynamicCache,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaForQuestionAnswering,
-    LlamaForSequenceClassification,
-    LlamaModel,
-    LlamaPreTrainedModel,
-    QuestionAnsweringOutput,
-    SequenceClassifierOutput,
-    StaticCache,
-    preset_names,
-)
-from .quant import Int8Config, Int8Linear, dequantize, quantize
-from .tokenizer import IncrementalDecoder, Tokenizer
+
+# Lazy (PEP 562, as transformers and scientific-python's lazy_loader do it): ``import llama_core`` costs
+# next to nothing and imports no torch; each name below loads its sub-package on first use, so
+# ``llama-core --help`` answers at once. Module -> names, read by tests/test_import_layers.py as imports;
+# the TYPE_CHECKING block says the same for type checkers and IDEs (tests/test_cli_startup.py checks that
+# the two agree and that every name resolves).
+_LAZY_IMPORTS = {
+    ".generation": ("GenerationOutput", "generate", "stream_generate"),
+    ".modeling": ("PRESETS", "BaseModelOutput", "Cache", "CausalLMOutput", "DynamicCache", "LlamaConfig",
+                  "LlamaForCausalLM", "LlamaForQuestionAnswering", "LlamaForSequenceClassification", "LlamaModel",
+                  "LlamaPreTrainedModel", "QuestionAnsweringOutput", "SequenceClassifierOutput", "StaticCache",
+                  "preset_names"),
+    ".quant": ("Int8Config", "Int8Linear", "dequantize", "quantize"),
+    ".tokenizer": ("IncrementalDecoder", "Tokenizer"),
+}
+_MODULE_OF = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}
+
+if TYPE_CHECKING:
+    from .generation import GenerationOutput, generate, stream_generate
+    from .modeling import (
+        PRESETS,
+        BaseModelOutput,
+        Cache,
+        CausalLMOutput,
+        DynamicCache,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForQuestionAnswering,
+        LlamaForSequenceClassification,
+        LlamaModel,
+        LlamaPreTrainedModel,
+        QuestionAnsweringOutput,
+        SequenceClassifierOutput,
+        StaticCache,
+        preset_names,
+    )
+    from .quant import Int8Config, Int8Linear, dequantize, quantize
+    from .tokenizer import IncrementalDecoder, Tokenizer
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name], __name__), name)
+    globals()[name] = value  # found by plain lookup from now on: __getattr__ runs once per name
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "PRESETS",

@@ -4,7 +4,10 @@ The graph is read from the source (``ast``), so it sees imports inside functions
 ``if TYPE_CHECKING`` (a design dependency even though it never runs) as well as module-level ones. An import
 ``from a.b import c`` points at the module ``a.b.c`` when that is a module, else at ``a.b``. The implicit
 import of a parent package (importing ``a.b.c`` runs ``a/__init__.py``) is not an edge: every package
-``__init__`` would otherwise sit in a circle with its own modules.
+``__init__`` would otherwise sit in a circle with its own modules. A PEP 562 lazy table,
+``_LAZY_IMPORTS = {".sub": ("Name", ...)}`` at module level, counts as the ``from .sub import Name`` it stands
+for, made at import time: the names are the module's public face, so the layer rules hold for them as for an
+eager import.
 """
 
 from __future__ import annotations
@@ -97,6 +100,26 @@ def _ours(name: str) -> str | None:
     return None
 
 
+def _lazy_table(node: ast.stmt) -> list[ast.ImportFrom]:
+    """A module-level ``_LAZY_IMPORTS = {".sub": ("Name", ...)}`` as the ``from .sub import Name, ...`` each
+    entry stands for (line numbers kept); [] for any other statement. Only literals count: a table this
+    cannot read fails here rather than hiding its imports."""
+    if not (isinstance(node, (ast.Assign, ast.AnnAssign))
+            and any(isinstance(t, ast.Name) and t.id == "_LAZY_IMPORTS"
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))):
+        return []
+    assert isinstance(node.value, ast.Dict), f"line {node.lineno}: _LAZY_IMPORTS must be a dict literal"
+    imports = []
+    for key, value in zip(node.value.keys, node.value.values, strict=True):
+        target = ast.literal_eval(key)
+        names = ast.literal_eval(value)
+        assert isinstance(target, str) and all(isinstance(n, str) for n in names), f"line {key.lineno}: {target!r}"
+        level = len(target) - len(target.lstrip("."))
+        imports.append(ast.ImportFrom(module=target[level:] or None, names=[ast.alias(n) for n in names],
+                                      level=level, lineno=key.lineno))
+    return imports
+
+
 @cache
 def edges() -> tuple[Edge, ...]:
     out = []
@@ -108,15 +131,16 @@ def edges() -> tuple[Edge, ...]:
                 lazy = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
                 targets = []
                 if isinstance(child, ast.Import):
-                    targets = [alias.name for alias in child.names]
-                elif isinstance(child, ast.ImportFrom):
-                    base = _resolve(module, path, child)
+                    targets = [(alias.name, child.lineno) for alias in child.names]
+                for node in ([child] if isinstance(child, ast.ImportFrom) else _lazy_table(child)):
+                    base = _resolve(module, path, node)
                     # "from pkg import sub" imports the module pkg.sub when there is one.
-                    targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules() else base for a in child.names]
-                for target in targets:
+                    targets += [(f"{base}.{a.name}" if f"{base}.{a.name}" in modules() else base, node.lineno)
+                                for a in node.names]
+                for target, line in targets:
                     ours = _ours(target)
                     if ours is not None and ours != module:
-                        out.append(Edge(module, ours, lazy, child.lineno))
+                        out.append(Edge(module, ours, lazy, line))
                 visit(child, lazy)
 
         visit(tree, False)
@@ -178,6 +202,11 @@ def test_the_graph_is_read():
     assert ("llama_core.modeling.model", "llama_core.generation", True) in found
     assert ("llama_core.generation.decode_loop", "llama_core.generation.plan", False) in found  # TYPE_CHECKING
     assert ("llama_core.cli.bench", "llama_core.bench", True) in found  # "from .. import bench"
+    # A lazy table's entries, at the table's own lines (TYPE_CHECKING imports the same names further down).
+    table = next(n for n in ast.parse(modules()["llama_core.train"].read_text(encoding="utf-8")).body if _lazy_table(n))
+    table_lines = range(table.lineno, table.end_lineno + 1)
+    assert any(e.source == "llama_core.train" and e.target == "llama_core.train.loop" and not e.lazy
+               and e.line in table_lines for e in edges())
     assert len(modules()) > 60
 
 

@@ -7,8 +7,6 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import torch
-
 from ..modeling.presets import preset_names
 
 # Results go here unless --output says otherwise: never into the repository's committed records by default,
@@ -69,6 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    # Here, not at the top: building the parser (--help, argument errors) must not wait for torch.
+    import torch
+
     from .. import bench
 
     if args.markdown:

@@ -4,13 +4,27 @@ where to run, their checks, and loading the model and tokenizer they name."""
 from __future__ import annotations
 
 import argparse
+import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+# torch and the model are imported inside the functions that run a command: building the parser (--help,
+# argument errors) must not wait for torch (seconds on a loaded machine).
+if TYPE_CHECKING:
+    from ..modeling.model import LlamaForCausalLM
+    from ..tokenizer import Tokenizer
 
-from ..model_io.gguf_file import find_gguf
-from ..modeling.model import LlamaForCausalLM
-from ..tokenizer import Tokenizer
+# The classes load_model_and_tokenizer uses, still reachable as this module's attributes (PEP 562, on first
+# access) as when they were imported at the top: tests patch ``generation_options.Tokenizer.from_pretrained``.
+# Module -> names, as the packages' lazy tables (tests/test_import_layers.py reads them as imports).
+_LAZY_IMPORTS = {"..modeling.model": ("LlamaForCausalLM",), "..tokenizer": ("Tokenizer",)}
+_MODULE_OF = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULE_OF[name], __package__), name)
 
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,8 +38,7 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: a fresh one each run)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="what the model computes in (auto: the checkpoint's dtype)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--quantize", choices=["int8", "int8-weight-only"],
                    help="quantise the linear layers while loading (see llama_core.quant)")
 
@@ -42,14 +55,28 @@ def add_compile_argument(p: argparse.ArgumentParser) -> None:
                         f"{COMPILE_MIN_NEW_TOKENS}; the compile time is reported apart)")
 
 
+def resolve_device(device: str | None) -> str:
+    """``--device`` as given, or when omitted cuda if this torch sees a GPU, else cpu. Resolved when the
+    command runs, not as the option's default: asking torch at parse time would import it for --help."""
+    if device is not None:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def should_compile(args: argparse.Namespace) -> bool:
+    import torch
+
     if args.compile is not None:
         return args.compile
-    return torch.device(args.device).type == "cpu" and args.max_new_tokens >= COMPILE_MIN_NEW_TOKENS
+    return torch.device(resolve_device(args.device)).type == "cpu" and args.max_new_tokens >= COMPILE_MIN_NEW_TOKENS
 
 
 def check_device(device: str) -> None:
     """A device this torch can use, said in one line before anything loads."""
+    import torch
+
     try:
         dev = torch.device(device)
     except RuntimeError as e:
@@ -74,6 +101,15 @@ def check_model_path(model: str) -> None:
 
 
 def load_model_and_tokenizer(args: argparse.Namespace) -> tuple[LlamaForCausalLM, Tokenizer]:
+    """The model and tokenizer ``args`` name. Sets ``args.device`` to the device used (``--device`` omitted:
+    cuda if available, else cpu), so what runs after the load sees where the model is."""
+    import torch
+
+    from ..model_io.gguf_file import find_gguf
+    from ..modeling.model import LlamaForCausalLM
+    from ..tokenizer import Tokenizer
+
+    args.device = resolve_device(args.device)
     check_device(args.device)
     check_model_path(args.model)
     tokenizer_source = args.tokenizer or args.model

@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
-
 from .._version import __version__
-from ..modeling.config import LlamaConfig
-from ..modeling.model import LlamaForCausalLM
 from ..modeling.presets import preset_names
 
 
@@ -23,6 +19,12 @@ def _human(n: float, unit: str = "") -> str:
 
 def cmd_summary(args: argparse.Namespace) -> int:
     """Build (preset) or load (checkpoint) a model, print its shape, and time one forward pass."""
+    # Here, not at the top: building the parser (--help, argument errors) must not wait for torch.
+    import torch
+
+    from ..modeling.config import LlamaConfig
+    from ..modeling.model import LlamaForCausalLM
+
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     if args.model:

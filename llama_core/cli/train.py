@@ -12,8 +12,7 @@ import logging
 import os
 
 from ..modeling.presets import preset_names
-from ..train.config import TrainConfig
-from ..train.distributed import PARALLEL_MODES
+from ..train.config import PARALLEL_MODES, TrainConfig
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -78,6 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    # Here, not at the top: building the parser (--help, argument errors) must not wait for torch.
     import torch.distributed as dist
     from tqdm.contrib.logging import logging_redirect_tqdm
 

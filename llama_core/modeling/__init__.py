@@ -13,13 +13,47 @@ called: ``pretrained`` -> ``llama_core.model_io`` (from_pretrained / save_pretra
 ``llama_core.generation`` (``LlamaForCausalLM.generate``).
 """
 
-from .cache import Cache, DynamicCache, StaticCache
-from .config import LlamaConfig
-from .heads import LlamaForQuestionAnswering, LlamaForSequenceClassification
-from .model import LlamaForCausalLM, LlamaModel
-from .outputs import BaseModelOutput, CausalLMOutput, QuestionAnsweringOutput, SequenceClassifierOutput
-from .presets import PRESETS, preset_names
-from .pretrained import LlamaPreTrainedModel
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Lazy (PEP 562): ``presets`` and ``config`` are plain Python, so the CLI can list preset names without
+# importing torch (half a second to several seconds); the torch-backed names load on first use. The table is
+# module -> names, read by tests/test_import_layers.py as imports; the TYPE_CHECKING block says the same for
+# type checkers and IDEs (tests/test_cli_startup.py checks the two agree).
+_LAZY_IMPORTS = {
+    ".cache": ("Cache", "DynamicCache", "StaticCache"),
+    ".config": ("LlamaConfig",),
+    ".heads": ("LlamaForQuestionAnswering", "LlamaForSequenceClassification"),
+    ".model": ("LlamaForCausalLM", "LlamaModel"),
+    ".outputs": ("BaseModelOutput", "CausalLMOutput", "QuestionAnsweringOutput", "SequenceClassifierOutput"),
+    ".presets": ("PRESETS", "preset_names"),
+    ".pretrained": ("LlamaPreTrainedModel",),
+}
+_MODULE_OF = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}
+
+if TYPE_CHECKING:
+    from .cache import Cache, DynamicCache, StaticCache
+    from .config import LlamaConfig
+    from .heads import LlamaForQuestionAnswering, LlamaForSequenceClassification
+    from .model import LlamaForCausalLM, LlamaModel
+    from .outputs import BaseModelOutput, CausalLMOutput, QuestionAnsweringOutput, SequenceClassifierOutput
+    from .presets import PRESETS, preset_names
+    from .pretrained import LlamaPreTrainedModel
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name], __name__), name)
+    globals()[name] = value  # found by plain lookup from now on: __getattr__ runs once per name
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "PRESETS",

@@ -13,12 +13,45 @@ torch.distributed. Only the CLI imports this package.
     result.losses, result.hf_dir
 """
 
-from .checkpoint import export_hf, list_checkpoints, load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .data import Batch, PackedWindows, TokenStream, load_token_stream, pack_windows
-from .distributed import Dist, clip_grad_norm, fully_shard_model, init_distributed, tensor_parallel
-from .loop import StepLog, TrainResult, train
-from .schedule import lr_at
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Lazy (PEP 562): ``llama-core train --help`` takes its defaults from ``config`` (plain Python) without
+# importing torch or torch.distributed.checkpoint (together 1-2 s, far more on a loaded machine); the loop
+# and its checkpoints load on first use. Module -> names, read by tests/test_import_layers.py as imports; the
+# TYPE_CHECKING block says the same for type checkers and IDEs.
+_LAZY_IMPORTS = {
+    ".checkpoint": ("export_hf", "list_checkpoints", "load_checkpoint", "save_checkpoint"),
+    ".config": ("TrainConfig",),
+    ".data": ("Batch", "PackedWindows", "TokenStream", "load_token_stream", "pack_windows"),
+    ".distributed": ("Dist", "clip_grad_norm", "fully_shard_model", "init_distributed", "tensor_parallel"),
+    ".loop": ("StepLog", "TrainResult", "train"),
+    ".schedule": ("lr_at",),
+}
+_MODULE_OF = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}
+
+if TYPE_CHECKING:
+    from .checkpoint import export_hf, list_checkpoints, load_checkpoint, save_checkpoint
+    from .config import TrainConfig
+    from .data import Batch, PackedWindows, TokenStream, load_token_stream, pack_windows
+    from .distributed import Dist, clip_grad_norm, fully_shard_model, init_distributed, tensor_parallel
+    from .loop import StepLog, TrainResult, train
+    from .schedule import lr_at
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name], __name__), name)
+    globals()[name] = value  # found by plain lookup from now on: __getattr__ runs once per name
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "Batch",

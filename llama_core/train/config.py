@@ -1,9 +1,15 @@
-"""TrainConfig: every knob of a training run, in one dataclass (the CLI maps flags onto it 1:1)."""
+"""TrainConfig: every knob of a training run, in one dataclass (the CLI maps flags onto it 1:1).
+
+Plain Python, no torch: ``llama-core train --help`` builds its flags and defaults from this module alone.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+# How the model is spread over torchrun's processes; "auto" is fsdp under torchrun, none on one process.
+PARALLEL_MODES = ("auto", "fsdp", "ddp", "tp", "none")
 
 
 @dataclass
@@ -69,6 +75,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.lr <= 0:
             raise ValueError(f"need lr > 0 and warmup_steps >= 0, got lr={self.lr}, warmup_steps={self.warmup_steps}")
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
         if self.tokenizer is None and self.init_from is None:
