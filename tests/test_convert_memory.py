@@ -47,8 +47,10 @@ CHILD = textwrap.dedent("""
     # Peak is VmHWM, not ru_maxrss: on Linux ru_maxrss carries the parent's high-water mark over
     # fork + exec. The baseline is the RSS now, after the imports (stricter than the peak so far).
     spec = json.loads(sys.argv[1])
+    convert = getattr(checkpoints_convert, spec["fn"])  # the package is lazy: import the converter first
+    llama_core.LlamaForCausalLM
     baseline = status_bytes("VmRSS")
-    getattr(checkpoints_convert, spec["fn"])(*spec["args"], progress=False, **spec["kwargs"])
+    convert(*spec["args"], progress=False, **spec["kwargs"])
     print(json.dumps({"baseline": baseline, "peak": status_bytes("VmHWM")}))
 """)
 

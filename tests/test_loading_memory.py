@@ -37,6 +37,7 @@ CHILD = textwrap.dedent("""
     # so a large pytest process would mask the child's own peak. The baseline is the RSS now (stricter
     # than the peak so far).
     ckpt, out = sys.argv[1], sys.argv[2]
+    llama_core.LlamaForCausalLM.from_pretrained  # the package is lazy: import the loading code before the baseline
     baseline = status_bytes("VmRSS")
     model = llama_core.LlamaForCausalLM.from_pretrained(ckpt)
     with torch.no_grad():

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from ..generation.sampling import LogitsSettings, process_logits, sample
-from ..generation.session import CACHE_BUCKET, Session
+    from ..generation.sampling import LogitsSettings
+    from ..generation.session import Session
 from .chat_format import add_chat_template_argument, choose_chat_format
 from .generation_options import (
     add_compile_argument,
@@ -26,6 +28,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
     such as Llama 2's re-tokenise earlier turns, so the shared prefix can end before the last reply).
     Ctrl-C stops a reply and returns to the prompt; at the prompt it (or ``/exit``, an empty line, Ctrl-D)
     ends the session; ``/reset`` starts a new conversation."""
+    import torch
+
+    from ..generation.sampling import LogitsSettings
+    from ..generation.session import CACHE_BUCKET, Session
+
     check_sampling(args)
     model, tok = load_model_and_tokenizer(args)
     choose_chat_format(tok, args.chat_template, args.model)
@@ -89,6 +96,8 @@ def _reply(session: Session, ids: list[int], max_new_tokens: int, tok, stops: se
            generator: torch.Generator) -> tuple[list[int], float]:
     """Stream one reply; Ctrl-C stops it early (what was said so far stays the reply). Returns the reply's
     ids and the seconds spent decoding them."""
+    from ..generation.sampling import process_logits, sample
+
     reply: list[int] = []
     decoder = tok.incremental_decoder(skip_special_tokens=True)
     start = time.perf_counter()

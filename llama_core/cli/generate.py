@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from ..generation import generate
-from ..generation.session import bucketed_length
-from ..modeling.cache import StaticCache
+    from ..modeling.cache import StaticCache
 from .chat_format import add_chat_template_argument, choose_chat_format
 from .generation_options import (
     add_compile_argument,
@@ -22,6 +22,10 @@ from .generation_options import (
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..generation import generate
+
     check_sampling(args)
     model, tok = load_model_and_tokenizer(args)
     if args.chat:
@@ -77,6 +81,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _compiled_cache(model: torch.nn.Module, prompt: torch.Tensor, max_new_tokens: int) -> tuple[StaticCache, float]:
     """A static cache for this call (bucketed), and the seconds spent compiling the decode step for it: a
     two-token warm-up run, so the compile is reported apart from the decode speed."""
+    from ..generation import generate
+    from ..generation.session import bucketed_length
+    from ..modeling.cache import StaticCache
+
     length = bucketed_length(prompt.shape[1] + max_new_tokens, model.config.max_position_embeddings)
     cache = StaticCache(model.config, max_batch_size=1, max_cache_len=length, dtype=model.dtype, device=model.device)
     sys.stderr.write("compiling the decode step (the first time for a model and cache size: about half a minute "

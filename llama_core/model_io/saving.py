@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -22,10 +22,16 @@ from .hf_checkpoint import BIN_INDEX, BIN_SINGLE, SAFE_INDEX, SAFE_SINGLE
 from .placement import parse_size
 from .safetensors_writer import write_sharded
 
-if TYPE_CHECKING:
-    from ..tokenizer.tokenizer import Tokenizer
-
 logger = logging.getLogger(__name__)
+
+
+class TokenizerFiles(Protocol):
+    """What saving needs of a tokenizer (llama_core's Tokenizer; model_io sits below the tokenizer package,
+    so it asks for the behaviour instead of importing the class)."""
+
+    SAVED_FILES: frozenset[str]  # every file name a tokenizer save may write: older ones are not carried over
+
+    def files_to_save(self) -> dict[str, bytes]: ...
 
 
 def is_weights_or_config(name: str) -> bool:
@@ -49,22 +55,20 @@ def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike, max_shard_size: int | str = "5GB",
-                    tokenizer: Tokenizer | None = None) -> Path:
+                    tokenizer: TokenizerFiles | None = None) -> Path:
     """config.json and safetensors weights, plus ``tokenizer``'s files when given, in one atomic directory swap:
     readers see the old directory or the complete new one, and a failure anywhere (a tokenizer that cannot be
     written included) leaves the old one untouched. Other files of an existing directory are carried over,
     except old tokenizer files when a tokenizer is written (a stale tokenizer.json would win over a new
     tokenizer.model)."""
-    # Documented lazy import: the tokenizer package sits above model_io (it reads files through it).
-    from ..tokenizer.tokenizer import SAVED_FILES, Tokenizer
-
-    if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+    if tokenizer is not None and not (callable(getattr(tokenizer, "files_to_save", None))
+                                      and isinstance(getattr(tokenizer, "SAVED_FILES", None), frozenset)):
         raise TypeError(f"tokenizer must be a llama_core Tokenizer, got {type(tokenizer).__name__}")
     limit = parse_size(max_shard_size)
     state = state_dict_for_saving(model)
     config = model.config.replace(dtype=str(model.dtype).removeprefix("torch."))
     specs = {k: (tuple(t.shape), t.dtype) for k, t in state.items()}
-    owned = SAVED_FILES if tokenizer is not None else frozenset()
+    owned = tokenizer.SAVED_FILES if tokenizer is not None else frozenset()
     with atomic_directory(directory, keep=lambda name: not is_weights_or_config(name) and name not in owned) as tmp:
         config.save_pretrained(tmp)
         files = write_sharded(tmp, specs, iter(state.items()), limit)

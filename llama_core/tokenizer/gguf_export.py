@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..model_io.atomic import atomic_file
 from ..model_io.gguf_file import import_gguf
@@ -46,8 +46,9 @@ from .gguf_vocab import (
     GGUFVocab,
 )
 
-if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+# A llama_core Tokenizer. Not imported, even for type checkers: tokenizer.py imports this module to save
+# tiktoken and GGUF vocabularies as tokenizer.json, and the two must not import each other.
+Tokenizer = Any
 
 logger = logging.getLogger(__name__)
 

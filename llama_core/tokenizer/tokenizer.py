@@ -329,6 +329,8 @@ class Tokenizer:
 
     # ---- saving -----------------------------------------------------------------------------------------------
 
+    SAVED_FILES = SAVED_FILES  # what save_pretrained may write (model_io's saving reads it from the instance)
+
     def save_pretrained(self, directory: str | os.PathLike) -> list[Path]:
         """Write this tokenizer's files into `directory` (created if needed) so that `Tokenizer.from_pretrained`
         and transformers' `AutoTokenizer.from_pretrained` read it back with the same ids and chat template:

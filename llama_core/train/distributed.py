@@ -26,10 +26,10 @@ import torch.distributed as dist
 from torch import nn
 
 from ..modeling.model import LlamaForCausalLM
+from .config import PARALLEL_MODES
 
 logger = logging.getLogger(__name__)
 
-PARALLEL_MODES = ("auto", "fsdp", "ddp", "tp", "none")
 
 
 @dataclass(frozen=True)
