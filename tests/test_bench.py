@@ -440,7 +440,7 @@ def test_verdicts_carry_their_spread_or_say_why_there_is_none():
     assert [(t["ok"], t["within_noise"]) for t in once] == [(None, None)] * 2
     for line in target_lines({"models": [{"targets": once}]}):
         assert line.startswith("[no verdict: 1 repeat, no spread to tell it from noise (needs 2+)]")
-        assert "met" not in line and "MISSED" not in line and ": 1.1 x" in line
+        assert "met" not in line and "MISSED" not in line and ": 1.1 x (target 1" in line
 
 
 def test_load_rss_verdict_has_a_spread_over_rounds():
@@ -457,3 +457,58 @@ def test_load_rss_verdict_has_a_spread_over_rounds():
     (once,) = evaluate({"settings": {"preset": "synthetic-100m", "dtype": "float32"},
                         "load": [{**load[0], "repeats": 1, "rss_ratio_vs_transformers_spread": [0.9, 0.9]}]}, "cpu")
     assert once["ok"] is None and "1 repeat" in once["no_verdict"]
+
+
+def test_stage_lines_on_a_non_terminal_stderr(capsys):
+    """Where no bar can be drawn (CI log, pipe), each stage is one line on stderr with its number, the elapsed
+    time and, once a stage is done, the time left; the stdout table stays clean."""
+    s = tiny_settings(prompt_lens=[8], batch_sizes=[1, 2], transformers=False, llama_cpp=False, load=False)
+    run_bench([s], quick=True)
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    stages = [line for line in lines if line.startswith("[")]
+    assert [line.split(" (elapsed")[0] for line in stages[:-1]] == [
+        "[1/5] copy bandwidth", "[2/5] build: tiny (llama_core)", "[3/5] prefill: tiny, prompts 8",
+        "[4/5] decode: tiny, batch 1", "[5/5] decode: tiny, batch 2"]
+    assert " s left" not in stages[0] and all(" s left)" in line for line in stages[1:-1])
+    assert stages[-1].startswith("[done] bench finished in ") and len(stages) == len(lines)
+    assert captured.out == ""
+
+
+def test_stage_bar_on_a_terminal_shows_the_stage_and_time_left():
+    import io
+
+    from llama_core.bench.progress import Stage, StageProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Terminal()
+    progress = StageProgress([Stage("copy bandwidth", 1.0), Stage("decode: m, batch 1", 3.0)], stream=stream)
+    progress.start("copy bandwidth")
+    progress.start("decode: m, batch 1")
+    progress.note("timing")
+    with pytest.raises(RuntimeError, match="'prefill: m' started where the plan has"):
+        progress.start("prefill: m")
+    progress.close()
+    out = stream.getvalue()
+    assert "[2/2] decode: m, batch 1" in out and " 25%|" in out and "<" in out and "timing" in out
+    assert "(elapsed" not in out  # a bar, not the stage lines
+
+
+def test_quick_cpu_settings_measure_the_targets_with_a_spread():
+    """--quick on a CPU: synthetic-100m fp32 (the targets' model), one prompt length, batch-1 decode only, no
+    compile, one load round, and enough repeats for every speed verdict to carry a spread; planned well under
+    the 2 minutes it promises. The full run keeps its sizes."""
+    from llama_core.bench import default_settings
+    from llama_core.bench.progress import plan
+    from llama_core.bench.targets import MIN_REPEATS
+
+    (quick,) = default_settings("cpu", quick=True)
+    assert (quick.preset, quick.dtype, quick.layers, quick.quick) == ("synthetic-100m", "float32", None, True)
+    assert (quick.prompt_lens, quick.batch_sizes, quick.decode_tokens, quick.compile) == ([128], [1], 17, False)
+    assert quick.repeats >= max(MIN_REPEATS, 5) and quick.load and quick.transformers
+    assert sum(stage.weight for stage in plan([quick], kernels=False)) < 60
+    (full,) = default_settings("cpu", quick=False)
+    assert (full.prompt_lens, full.batch_sizes, full.repeats, full.compile) == ([128, 512, 1024], [1, 8], 5, True)

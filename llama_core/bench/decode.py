@@ -108,12 +108,15 @@ def versus(decode: dict[str, list[float]], outputs: dict[str, torch.Tensor], nam
 
 
 @torch.inference_mode()
-def bench_decode(pair: ModelPair, settings: BenchSettings, copy_bytes_per_s: float,
-                 progress: Progress) -> list[dict[str, Any]]:
+def bench_decode(pair: ModelPair, settings: BenchSettings, copy_bytes_per_s: float, progress: Progress,
+                 on_batch: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+    """Rows of every candidate at each batch size; ``on_batch(batch)`` is called as each batch size starts."""
     new, plen = settings.decode_tokens, settings.decode_prompt_len
     g = torch.Generator().manual_seed(settings.seed + 1)
     rows = []
     for batch in settings.batch_sizes:
+        if on_batch is not None:
+            on_batch(batch)
         fns = candidates(pair, settings, batch)
         ids = pair.prompts.ids(batch, plen, g, settings.device)
         memory, outputs, first = {}, {}, {}

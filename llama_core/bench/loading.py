@@ -63,6 +63,11 @@ print("RESULT " + json.dumps(result))
 SIDES = ("llama_core", "transformers", "llama_cpp")
 
 
+def load_rounds(settings: BenchSettings) -> int:
+    """Interleaved rounds of fresh-process loads: one for --quick (no verdict then: no spread), else three."""
+    return 1 if settings.quick else 3
+
+
 def _run(side: str, checkpoint: Path, settings: BenchSettings) -> dict[str, Any]:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[2])  # importable even when run from a source checkout
@@ -83,7 +88,7 @@ def bench_load(checkpoint: Path, settings: BenchSettings, progress: Progress,
              "llama_cpp": llama_cpp_file}
     sides = [side for side in SIDES if files[side] is not None]
     runs: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
-    repeats = 1 if settings.quick else 3
+    repeats = load_rounds(settings)
     for r in range(repeats):  # interleaved; the files were just written or read, so they are in the page cache
         for side in sides if r % 2 == 0 else sides[::-1]:
             progress(f"load {side} ({r + 1}/{repeats})")

@@ -216,7 +216,8 @@ def target_lines(record: Record) -> list[str]:
         if t.get("within_noise"):
             verdict += ", within noise"
         value = "-" if t["value"] is None else f"{t['value']:.3g}"
-        spread = f" (repeats {t['spread'][0]:.3g}-{t['spread'][1]:.3g})" if t.get("spread") else ""
+        spread = (f" (repeats {t['spread'][0]:.3g}-{t['spread'][1]:.3g})" if t.get("spread") and not t.get("no_verdict")
+                  else "")  # one repeat's "range" is a single value, not a spread
         where = f"{t['model']}: " if t.get("model") else ""
         lines.append(f"[{verdict}] {where}{t['target']}: {value} {t['unit']}{spread} (target {t['limit']:g} {t['unit']})")
     return lines

@@ -56,18 +56,26 @@ class BenchSettings:
         return {**asdict(self), "name": self.name}
 
 
+QUICK_CPU_REPEATS = 5  # interleaved repeats of --quick on a CPU: a [min, max] of five ratios per verdict
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_settings(device: str, quick: bool) -> list[BenchSettings]:
-    """Presets and sizes that suit the device: the ~100M synthetic model in fp32 on a CPU (``--quick``
-    finishes in under two minutes on two cores, transformers included); 1B- and 8B-shaped bf16 models on
-    a GPU, with compiled paths (8B only with the memory for two copies of it)."""
+    """Presets and sizes that suit the device: the ~100M synthetic model in fp32 on a CPU; 1B- and 8B-shaped
+    bf16 models on a GPU, with compiled paths (8B only with the memory for two copies of it).
+
+    ``quick`` on a CPU measures what the targets are about, on the same model, and little else, so that it
+    finishes in about a minute on two idle cores: one prompt length, batch-1 decode (no batched decode, no
+    compile: a compile alone is 25-40 s), one round of loads. Five interleaved repeats keep a spread behind
+    every speed verdict (the one-round load RSS ratio gets none; see ``targets``); 16 decode steps (~0.2 s of
+    difference between the timed generate calls on an idle machine) stay well above the timer's noise."""
     if torch.device(device).type != "cuda":
         if quick:
-            return [BenchSettings("synthetic-100m", device, "float32", prompt_lens=[64, 256], decode_prompt_len=32,
-                                  decode_tokens=17, batch_sizes=[1, 4], repeats=3, quick=True)]
+            return [BenchSettings("synthetic-100m", device, "float32", prompt_lens=[128], decode_prompt_len=32,
+                                  decode_tokens=17, batch_sizes=[1], repeats=QUICK_CPU_REPEATS, quick=True)]
         return [BenchSettings("synthetic-100m", device, "float32", prompt_lens=[128, 512, 1024],
                               decode_prompt_len=64, decode_tokens=65, batch_sizes=[1, 8], repeats=5,
                               compile=True)]
