@@ -68,10 +68,11 @@ def default_settings(device: str, quick: bool) -> list[BenchSettings]:
     bf16 models on a GPU, with compiled paths (8B only with the memory for two copies of it).
 
     ``quick`` on a CPU measures what the targets are about, on the same model, and little else, so that it
-    finishes in about 30 s on two idle cores (75 s at load average 3.5): one prompt length, batch-1 decode (no batched decode, no
-    compile: a compile alone is 25-40 s), one round of loads. Five interleaved repeats keep a spread behind
-    every speed verdict (the one-round load RSS ratio gets none; see ``targets``); 16 decode steps (~0.2 s of
-    difference between the timed generate calls on an idle machine) stay well above the timer's noise."""
+    finishes in about 30 s on two idle cores (75 s at load average 3.5): one prompt length, batch-1 decode
+    (no batched decode, no compile: a compile alone is 25-40 s), one round of loads. Five interleaved repeats
+    keep a spread behind every speed verdict (the one-round load RSS ratio gets none; see ``targets``); 16
+    decode steps (~0.4 s between the two timed generate calls on an idle machine) stay well above the
+    timer's noise."""
     if torch.device(device).type != "cuda":
         if quick:
             return [BenchSettings("synthetic-100m", device, "float32", prompt_lens=[128], decode_prompt_len=32,
