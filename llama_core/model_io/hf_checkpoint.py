@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -44,20 +45,61 @@ class NonFiniteWeightWarning(RuntimeWarning):
 
 def check_finite(name: str, tensor: torch.Tensor, where: object, error: bool = False) -> None:
     """Warn (or, with ``error``, raise NonFiniteWeightError) when a floating-point tensor holds NaN or inf.
+    For a tensor that is being read anyway (converted, copied, dequantised); a safetensors file mapped into
+    memory is scanned through file reads instead (:func:`safetensors_non_finite`)."""
+    report_non_finite(name, count_non_finite(tensor), tensor.numel(), where, error)
 
-    One reduction over a tensor that is being read anyway, with no tensor-sized temporary (isfinite would
-    allocate two, a third of the checkpoint's peak on the largest tensor): a NaN or inf anywhere makes the sum
-    NaN or inf. Only when the sum is not finite (or overflowed) are the values counted. Integer tensors (int8
-    weights) cannot be non-finite and are skipped."""
+
+def count_non_finite(tensor: torch.Tensor) -> int:
+    """NaN and inf values in ``tensor``. One reduction first, with no tensor-sized temporary (isfinite would
+    allocate two): a NaN or inf anywhere makes the sum NaN or inf; only then (or on overflow) are the values
+    counted. Integer tensors (int8 weights) cannot be non-finite."""
     if not tensor.is_floating_point() or bool(torch.isfinite(tensor.sum())):
-        return
-    bad = int((~torch.isfinite(tensor)).sum())
+        return 0
+    return int((~torch.isfinite(tensor)).sum())
+
+
+def report_non_finite(name: str, bad: int, total: int, where: object, error: bool) -> None:
     if not bad:
-        return  # every value is finite; the sum overflowed
-    message = f"{where}: tensor {name} has {bad} NaN or infinite values (of {tensor.numel()})"
+        return
+    message = f"{where}: tensor {name} has {bad} NaN or infinite values (of {total})"
     if error:
         raise NonFiniteWeightError(message)
-    warnings.warn(message + "; its outputs will be NaN", NonFiniteWeightWarning, stacklevel=3)
+    warnings.warn(message + "; its outputs will be NaN", NonFiniteWeightWarning, stacklevel=4)
+
+
+# Bytes read per step when scanning a safetensors file for NaN / inf.
+SCAN_CHUNK_BYTES = 1 << 24
+
+
+def safetensors_non_finite(file: Path) -> dict[str, int]:
+    """Name -> count of NaN / inf values of every floating-point tensor in a safetensors file, read through a
+    reused chunk buffer rather than the file's memory mapping. Checking through the mapping would make every
+    page of the checkpoint resident in the process at load time (measured: +400 MB of peak RSS for a 400 MB
+    model, against pages that are otherwise touched only by the first forward); file reads warm the page
+    cache without growing the process."""
+    with open(file, "rb", buffering=0) as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        base, buf, counts = 8 + length, bytearray(SCAN_CHUNK_BYTES), {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = safetensors_dtype(entry["dtype"], f"{file}: tensor {name}")
+            if not dtype.is_floating_point:
+                continue
+            start, end = entry["data_offsets"]
+            f.seek(base + start)
+            bad, remaining = 0, end - start
+            step = SCAN_CHUNK_BYTES - SCAN_CHUNK_BYTES % dtype.itemsize
+            while remaining > 0:
+                n = f.readinto(memoryview(buf)[:min(step, remaining)])
+                if not n:
+                    raise ValueError(f"{file}: tensor {name} is truncated")
+                bad += count_non_finite(torch.frombuffer(buf, dtype=dtype, count=n // dtype.itemsize))
+                remaining -= n
+            counts[name] = bad
+    return counts
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:

@@ -24,7 +24,15 @@ from ..modeling.config import LlamaConfig
 from ..quant import Int8Config, Int8Linear, replace_linears
 from .dtypes import parse_dtype
 from .gguf_file import find_gguf
-from .hf_checkpoint import NonFiniteWeightWarning, TensorInfo, TensorStream, check_finite, open_hf_checkpoint
+from .hf_checkpoint import (
+    NonFiniteWeightWarning,
+    TensorInfo,
+    TensorStream,
+    check_finite,
+    open_hf_checkpoint,
+    report_non_finite,
+    safetensors_non_finite,
+)
 from .hub import resolve_checkpoint
 from .placement import device_for, resolve_device_map
 
@@ -228,7 +236,7 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
     buffer_keys = {name for name, _ in model.named_buffers()} & expected.keys()
     wanted = {ckpt_key: key for key, ckpt_key in names.items()
               if key in expected and not (tie and key == "lm_head.weight")}
-    for ckpt_key, tensor in _checked(stream, check_finite, path_or_hub_id):  # one at a time, into the model
+    for ckpt_key, tensor in _checked(stream, infos, check_finite, path_or_hub_id):  # one at a time, into the model
         key = wanted.get(ckpt_key)
         if key in quantize_on_load:
             quantize_on_load[key].set_weight(_place(tensor, target, device_for(key, placement)))
@@ -262,19 +270,30 @@ def load_pretrained(cls: type, path_or_hub_id: str | os.PathLike, *, dtype: Any 
     return model.eval()
 
 
-def _checked(stream: TensorStream, finite: bool | None, where: object):
-    """The stream, each tensor checked for NaN / inf as it is read (unless ``finite`` is False). The
-    converters' readers (Meta, llama2.c, GGUF) warn on their own; those warnings are silenced while a tensor
-    is produced, so each tensor is reported once, here, as ``finite`` asks."""
+def _checked(stream: TensorStream, infos: dict[str, TensorInfo], finite: bool | None, where: object):
+    """The stream, each tensor checked for NaN / inf (unless ``finite`` is False): a tensor from a
+    safetensors file through file reads of that file (its mapping stays untouched until the model uses it),
+    any other tensor as it is (those readers materialise it anyway). The converters' readers (Meta, llama2.c,
+    GGUF) warn on their own; those warnings are silenced while a tensor is produced, so each tensor is
+    reported once, here, as ``finite`` asks."""
     tensors = stream()
+    scanned: dict[Path, dict[str, int]] = {}
     while True:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NonFiniteWeightWarning)
             item = next(tensors, None)
         if item is None:
             return
-        if finite is not False:
-            check_finite(*item, where, error=bool(finite))
+        name, tensor = item
+        info = infos.get(name)
+        if finite is False:
+            pass
+        elif info is not None and info.file.suffix == ".safetensors":
+            if info.file not in scanned:
+                scanned = {info.file: safetensors_non_finite(info.file)}  # one shard at a time, as the stream
+            report_non_finite(name, scanned[info.file].get(name, 0), tensor.numel(), where, bool(finite))
+        else:
+            check_finite(name, tensor, where, error=bool(finite))
         yield item
 
 
