@@ -5,8 +5,8 @@ Modules, one concept each: ``timing`` (synced, interleaved timing; op timing; pe
 ``setup`` (settings per device; the models, checked equal), ``prompts`` (the token ids every library gets),
 ``llamacpp`` (llama.cpp's side: its GGUF, driving the binding), ``prefill``, ``decode``, ``loading``
 (subprocess per load), ``kernels`` and ``int8`` (op sweeps), ``kernel_registry`` (the sweeps a run
-includes), ``environment``, ``targets``, ``report`` (JSON record, table, markdown), ``plot`` and ``run``
-(the whole run).
+includes), ``environment``, ``targets``, ``report`` (JSON record, table, markdown), ``plot``, ``progress``
+(named stages with elapsed time and time left) and ``run`` (the whole run).
 
 May import: every other package of llama_core (the model, generation, quant, kernels, tokenizer),
 checkpoints_convert (GGUF writing), transformers, matplotlib (the ``bench`` extra) and ``llama_cpp`` (never a
