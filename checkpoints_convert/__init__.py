@@ -23,8 +23,9 @@ documented lazy import, so this package sits above model_io's readers and below 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from llama_core._lazy import install_lazy_imports
 
 # Lazy (PEP 562): ``llama-core convert`` and ``python -m checkpoints_convert`` build their parser from ``cli``
 # (plain Python) and answer --help or an argument error without importing torch; the readers and
@@ -39,7 +40,7 @@ _LAZY_IMPORTS = {
     ".meta": ("read_meta",),
     ".source": ("CheckpointSource", "TensorSpec"),
 }
-_MODULE_OF = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}
+install_lazy_imports(globals(), _LAZY_IMPORTS)  # __getattr__, __dir__ and _MODULE_OF from the table
 
 if TYPE_CHECKING:
     from .convert import gguf_to_hf, hf_to_gguf, hf_to_meta, llama2c_to_hf, meta_to_hf, reshard
@@ -52,15 +53,3 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckpointSource", "TensorSpec", "gguf_to_hf", "hf_to_gguf", "hf_to_meta", "llama2c_to_hf", "meta_to_hf",
            "read_gguf", "read_hf", "read_llama2c", "read_meta", "reshard", "write_gguf", "write_hf"]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name], __name__), name)
-    globals()[name] = value  # found by plain lookup from now on: __getattr__ runs once per name
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))

@@ -16,9 +16,9 @@ tests/test_import_layers.py, which fails on any import circle or undocumented up
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ._lazy import install_lazy_imports
 from ._version import __version__
 
 # Lazy (PEP 562, as transformers and scientific-python's lazy_loader do it): ``import llama_core`` costs
@@ -35,7 +35,7 @@ _LAZY_IMPORTS = {
     ".quant": ("Int8Config", "Int8Linear", "dequantize", "quantize"),
     ".tokenizer": ("IncrementalDecoder", "Tokenizer"),
 }
-_MODULE_OF = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}
+install_lazy_imports(globals(), _LAZY_IMPORTS)  # __getattr__, __dir__ and _MODULE_OF from the table
 
 if TYPE_CHECKING:
     from .generation import GenerationOutput, generate, stream_generate
@@ -59,17 +59,6 @@ if TYPE_CHECKING:
     from .quant import Int8Config, Int8Linear, dequantize, quantize
     from .tokenizer import IncrementalDecoder, Tokenizer
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name], __name__), name)
-    globals()[name] = value  # found by plain lookup from now on: __getattr__ runs once per name
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [

@@ -31,6 +31,7 @@ PACKAGES = ("kernels", "llama_core", "checkpoints_convert")
 # the longest matching prefix decides a module's layer.
 LAYERS = (
     "kernels",  # Triton ops and their PyTorch references
+    "llama_core._lazy",  # lazy package attributes (imports nothing of ours)
     "llama_core._version",
     "llama_core.quant",  # int8 linear layers (on kernels)
     "llama_core.modeling",  # the network

@@ -15,8 +15,9 @@ called: ``pretrained`` -> ``llama_core.model_io`` (from_pretrained / save_pretra
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import install_lazy_imports
 
 # Lazy (PEP 562): ``presets`` and ``config`` are plain Python, so the CLI can list preset names without
 # importing torch (half a second to several seconds); the torch-backed names load on first use. The table is
@@ -31,7 +32,7 @@ _LAZY_IMPORTS = {
     ".presets": ("PRESETS", "preset_names"),
     ".pretrained": ("LlamaPreTrainedModel",),
 }
-_MODULE_OF = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}
+install_lazy_imports(globals(), _LAZY_IMPORTS)  # __getattr__, __dir__ and _MODULE_OF from the table
 
 if TYPE_CHECKING:
     from .cache import Cache, DynamicCache, StaticCache
@@ -42,17 +43,6 @@ if TYPE_CHECKING:
     from .presets import PRESETS, preset_names
     from .pretrained import LlamaPreTrainedModel
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name], __name__), name)
-    globals()[name] = value  # found by plain lookup from now on: __getattr__ runs once per name
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [

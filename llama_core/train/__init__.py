@@ -15,8 +15,9 @@ torch.distributed. Only the CLI imports this package.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .._lazy import install_lazy_imports
 
 # Lazy (PEP 562): ``llama-core train --help`` takes its defaults from ``config`` (plain Python) without
 # importing torch or torch.distributed.checkpoint (together 1-2 s, far more on a loaded machine); the loop
@@ -30,7 +31,7 @@ _LAZY_IMPORTS = {
     ".loop": ("StepLog", "TrainResult", "train"),
     ".schedule": ("lr_at",),
 }
-_MODULE_OF = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}
+install_lazy_imports(globals(), _LAZY_IMPORTS)  # __getattr__, __dir__ and _MODULE_OF from the table
 
 if TYPE_CHECKING:
     from .checkpoint import export_hf, list_checkpoints, load_checkpoint, save_checkpoint
@@ -40,17 +41,6 @@ if TYPE_CHECKING:
     from .loop import StepLog, TrainResult, train
     from .schedule import lr_at
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_MODULE_OF[name], __name__), name)
-    globals()[name] = value  # found by plain lookup from now on: __getattr__ runs once per name
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [
