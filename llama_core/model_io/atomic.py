@@ -103,36 +103,14 @@ def lock_path(target: Path) -> Path:
 def target_lock(target: Path) -> Iterator[None]:
     """Hold the exclusive lock of ``target`` (waiting for another writer), after clearing dead writers'
     temporaries. The kernel drops a flock when its holder dies, so a killed writer never blocks the next."""
-    fd = _acquire(lock_path(target), target)
-    try:
+
+    def wait(fd: int, holder: str) -> None:
+        logger.warning("%s is being written by another process (pid %s); waiting for it", target, holder)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+
+    with _held(lock_path(target), wait):
         remove_stale_temporaries(target)
         yield
-    finally:
-        # Unlinked while still held, so no lock file is left behind; a waiter on this inode notices in
-        # _acquire that it is no longer the lock file and retries on a fresh one.
-        lock_path(target).unlink(missing_ok=True)
-        os.close(fd)
-
-
-def _acquire(path: Path, target: Path) -> int:
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            logger.warning("%s is being written by another process (pid %s); waiting for it", target, holder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            current = os.stat(path)
-        except FileNotFoundError:
-            current = None
-        mine = os.fstat(fd)
-        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # only for the waiting message
-            return fd
-        os.close(fd)  # the previous holder removed this lock file on release: lock the new one
 
 
 class BusyError(OSError):
@@ -147,23 +125,36 @@ def exclusive_directory(directory: str | os.PathLike, what: str) -> Iterator[Non
     so a killed run never blocks the next."""
     directory = Path(directory).expanduser().absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f".{_MARK}-run-lock"
+
+    def refuse(fd: int, holder: str) -> None:
+        os.close(fd)
+        raise BusyError(errno.EBUSY, f"{directory} is in use by another {what} (pid {holder}); wait for it to "
+                        "finish or choose another directory")
+
+    with _held(directory / f".{_MARK}-run-lock", refuse):
+        yield
+
+
+@contextmanager
+def _held(path: Path, on_busy: Callable[[int, str], None]) -> Iterator[None]:
+    """An exclusive flock on the file ``path`` for the block; when another process holds it, ``on_busy(fd,
+    holder_pid)`` waits for it (returns once locked) or raises. The file records the holder's pid (for those
+    messages) and is removed on release while still held, so no lock file is left behind; a waiter on the
+    removed inode notices and retries on a fresh file."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise BusyError(errno.EBUSY, f"{directory} is in use by another {what} (pid {holder}); wait for it "
-                            "to finish or choose another directory") from None
+            on_busy(fd, os.pread(fd, 32, 0).decode(errors="replace").strip() or "?")
         try:
-            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            current = os.stat(path)
         except FileNotFoundError:
-            same = False
-        if same:
+            current = None
+        mine = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
             break
-        os.close(fd)  # the previous holder removed this file on release: lock the new one
+        os.close(fd)  # the previous holder removed this lock file on release: lock the new one
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     try:
