@@ -323,3 +323,17 @@ def test_chat_without_a_template_is_refused_unless_a_format_is_named(stories_hf,
         choose_chat_format(tok, "llama3", "m")
     with pytest.raises(FileNotFoundError, match="neither a built-in format"):
         choose_chat_format(tok, "vicuna", "m")
+
+
+def test_every_command_shows_examples_and_defaults():
+    """Each command's --help ends with runnable examples (kept line by line) and shows its defaults."""
+    from llama_core.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        text = parser.format_help()
+        examples = text[text.index("examples:"):].splitlines()[1:]
+        assert examples and all(line.startswith("  ") for line in examples if line), (name, examples)
+        assert any(f"llama-core {name} " in line for line in examples), name
+        if name != "convert":  # convert's options are per conversion (its sub-commands show theirs)
+            assert "(default: " in text, name

@@ -14,6 +14,13 @@ from ..modeling.presets import preset_names
 DEFAULT_OUTPUT = "bench-results"
 
 
+EXAMPLES = """examples:
+  llama-core bench --quick
+  llama-core bench --model SmolLM2-135M-Instruct.Q4_1.gguf --dtype bfloat16 --compile --threads 2
+  llama-core bench --markdown bench-results/bench-synthetic-100m-amd-epyc.json
+"""
+
+
 def _ints(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -26,6 +33,7 @@ def _ints(text: str) -> list[int]:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark llama_core against transformers and llama.cpp on the same weights",
+                       epilog=EXAMPLES,
                        description="Prefill, decode, load and kernel benchmarks of random-weight Llama-shaped "
                        "models (--preset) or real weights (--model), side by side with transformers and, on a CPU "
                        "where the llama_cpp binding imports, llama.cpp, in one run. Prints a table, writes a JSON "

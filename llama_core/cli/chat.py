@@ -21,6 +21,11 @@ from .generation_options import (
     should_compile,
 )
 
+EXAMPLES = """examples:
+  llama-core chat --model SmolLM2-135M-Instruct.Q4_1.gguf --system "You are terse."
+  llama-core chat --model stories/ --chat-template llama2 --max-new-tokens 64
+"""
+
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """A multi-turn loop. The KV cache is kept across turns: each turn re-renders the chat template, keeps
@@ -122,7 +127,7 @@ def _reply(session: Session, ids: list[int], max_new_tokens: int, tok, stops: se
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    c = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template")
+    c = sub.add_parser("chat", help="interactive multi-turn chat with the model's chat template", epilog=EXAMPLES)
     add_generation_arguments(c)
     c.add_argument("--system", help="system prompt")
     add_chat_template_argument(c)

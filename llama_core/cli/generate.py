@@ -20,6 +20,12 @@ from .generation_options import (
     should_compile,
 )
 
+EXAMPLES = """examples:
+  llama-core generate --model stories/ --prompt "Once upon a time" --max-new-tokens 40
+  llama-core generate --model SmolLM2-135M-Instruct.Q4_1.gguf --chat --prompt "What is the capital of France?"
+  llama-core generate --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --prompt "Hi" --temperature 0.7 --seed 1
+"""
+
 
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
@@ -110,7 +116,7 @@ def _report(prompt_tokens: int, start: float, times: list[float], compile_s: flo
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    g = sub.add_parser("generate", help="stream a completion of a prompt")
+    g = sub.add_parser("generate", help="stream a completion of a prompt", epilog=EXAMPLES)
     add_generation_arguments(g)
     g.add_argument("--prompt", required=True, help="the text to continue ('' starts from BOS)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")

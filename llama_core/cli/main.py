@@ -17,6 +17,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default in its help, where it has one worth showing (not None/False, and not already
     said in the help text)."""
 
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        # A command's examples (its epilog) keep their lines; other prose is wrapped as usual.
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
             return action.help

@@ -8,6 +8,11 @@ import time
 from .._version import __version__
 from ..modeling.presets import preset_names
 
+EXAMPLES = """examples:
+  llama-core summary --preset llama3-8b
+  llama-core summary --model TinyLlama/TinyLlama-1.1B-Chat-v1.0
+"""
+
 
 def _human(n: float, unit: str = "") -> str:
     for suffix in ("", "K", "M", "G", "T"):
@@ -64,7 +69,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    s = sub.add_parser("summary", help="print a model's shape and time a forward pass")
+    s = sub.add_parser("summary", help="print a model's shape and time a forward pass", epilog=EXAMPLES)
     src = s.add_mutually_exclusive_group()
     src.add_argument("--preset", default="tiny", choices=preset_names(), help="random-init model of this shape")
     src.add_argument("--model", help="checkpoint directory or hub id")

@@ -103,8 +103,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLES = """examples:
+  llama-core train --preset tiny --data corpus/ --tokenizer tok/ --output-dir run/
+  llama-core train --init-from SmolLM2-135M-Instruct.Q4_1.gguf --data corpus/ --output-dir run/ --max-steps 200
+  torchrun --nproc-per-node 8 -m llama_core.cli train ...        (several GPUs: FSDP2 by default)
+"""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="pretrain or fine-tune on text files (single device or torchrun)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="Pretrain or fine-tune on text files; the flags map 1:1 onto TrainConfig.",
+                       epilog=EXAMPLES)
     add_arguments(t)
     t.set_defaults(func=cmd_train)
