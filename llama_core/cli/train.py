@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     speed.add_argument("--kernels", choices=["auto", "triton", "torch"], default=d.kernels)
     speed.add_argument("--attn-implementation", choices=["sdpa", "eager"], default=d.attn_implementation)
     speed.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    speed.add_argument("--no-fused-loss", dest="fused_loss", action="store_false",
+                       help="compute the loss from the full [tokens, vocab] logits (default: in chunks of "
+                       "tokens, never building them; same loss, a fraction of the memory)")
     speed.add_argument("--device", default=d.device, help="auto = cuda if available")
     speed.add_argument("--peak-tflops", type=float, help="per-device bf16 peak for MFU (default: known GPUs)")
     out = p.add_argument_group("checkpoints and logging")

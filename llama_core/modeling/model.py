@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import build_attention_mask
 from .cache import Cache, DynamicCache, StaticCache
 from .config import LlamaConfig
+from .fused_loss import lm_head_loss
 from .layers import DecoderLayer, RMSNorm
 from .linear import linear
 from .outputs import BaseModelOutput, CausalLMOutput
@@ -142,20 +143,32 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
                 position_ids: Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool = False, labels: Tensor | None = None, output_hidden_states: bool = False,
                 inputs_embeds: Tensor | None = None, cache_position: Tensor | None = None,
-                logits_to_keep: int = 0, cache: Cache | None = None) -> CausalLMOutput:
+                logits_to_keep: int = 0, cache: Cache | None = None, skip_logits: bool = False,
+                shift_labels: Tensor | None = None,
+                num_items_in_batch: Tensor | int | None = None) -> CausalLMOutput:
         """``labels [batch, seq]`` are the input ids themselves (shifted here); -100 is ignored.
+        ``shift_labels [batch, seq]`` instead are already aligned with the positions (packed training
+        windows); ``num_items_in_batch`` makes the loss the sum over targets divided by it (transformers'
+        names for both). ``skip_logits=True`` computes the loss in chunks of tokens without ever building the
+        full logits (``llama_core.modeling.fused_loss``); ``.logits`` is then None.
 
         ``logits_to_keep=n`` computes logits for the last n positions only (generation needs one).
         ``cache`` is transformers' newer name for ``past_key_values``; either is accepted.
         """
         past_key_values = one_cache(past_key_values, cache)
+        targets = _loss_targets(labels, shift_labels, skip_logits, logits_to_keep)
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, inputs_embeds,
                          output_hidden_states, cache_position)
         h = out.last_hidden_state
+        if skip_logits:
+            loss = lm_head_loss(self.lm_head, h, targets, num_items_in_batch=num_items_in_batch)
+            return CausalLMOutput(None, loss, out.past_key_values, out.hidden_states)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         logits = linear(self.lm_head, h.to(self.lm_head.weight.device), self.config.kernels)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = None
+        if targets is not None:
+            loss = causal_lm_loss(logits, shift_labels=targets, num_items_in_batch=num_items_in_batch)
         return CausalLMOutput(logits, loss, out.past_key_values, out.hidden_states)
 
     def generate(self, input_ids: Tensor, **kwargs: Any) -> Any:
@@ -167,8 +180,30 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         return generate(self, input_ids, **kwargs)
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean next-token cross entropy in fp32: position i predicts ``labels[i + 1]``."""
-    labels = F.pad(labels.to(logits.device), (0, 1), value=ignore_index)[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=ignore_index)
+def causal_lm_loss(logits: Tensor, labels: Tensor | None = None, ignore_index: int = -100, *,
+                   shift_labels: Tensor | None = None, num_items_in_batch: Tensor | int | None = None) -> Tensor:
+    """Mean next-token cross entropy in fp32: position i predicts ``labels[i + 1]`` (or ``shift_labels[i]``);
+    with ``num_items_in_batch``, the sum over targets divided by it."""
+    targets = shift_targets(labels, ignore_index) if shift_labels is None else shift_labels
+    flat = logits.float().reshape(-1, logits.shape[-1]), targets.to(logits.device).reshape(-1)
+    if num_items_in_batch is None:
+        return F.cross_entropy(*flat, ignore_index=ignore_index)
+    return F.cross_entropy(*flat, ignore_index=ignore_index, reduction="sum") / num_items_in_batch
+
+
+def shift_targets(labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """``labels [b, t]`` -> the target of each position ``[b, t]``: the next label, ignore_index at the end."""
+    return F.pad(labels, (0, 1), value=ignore_index)[:, 1:]
+
+
+def _loss_targets(labels: Tensor | None, shift_labels: Tensor | None, skip_logits: bool,
+                  logits_to_keep: int) -> Tensor | None:
+    """The aligned targets of forward's loss, or None; checked before the decoder runs."""
+    if labels is not None and shift_labels is not None:
+        raise ValueError("pass labels (shifted inside) or shift_labels (already shifted), not both")
+    if skip_logits and labels is None and shift_labels is None:
+        raise ValueError("skip_logits=True returns only the loss, so it needs labels= (or shift_labels=); "
+                         "without them pass skip_logits=False to get the logits")
+    if skip_logits and logits_to_keep:
+        raise ValueError("skip_logits=True computes no logits, so logits_to_keep does not apply; pass one of them")
+    return shift_targets(labels) if labels is not None else shift_labels

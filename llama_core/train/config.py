@@ -50,6 +50,7 @@ class TrainConfig:
     kernels: str = "auto"
     attn_implementation: str = "sdpa"
     compile: bool = False
+    fused_loss: bool = True  # the loss in chunks of tokens, never the full [tokens, vocab] logits (same values)
     device: str = "auto"
 
     # Checkpoints and logging.

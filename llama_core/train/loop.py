@@ -90,11 +90,20 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     return path
 
 
-def micro_step_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed next-token cross entropy (fp32) over the batch's trained targets."""
-    logits = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+def micro_step_loss(model: nn.Module, batch: Batch, fused: bool = True) -> torch.Tensor:
+    """Summed next-token cross entropy (fp32) over the batch's trained targets.
+
+    ``fused``: the model computes it in chunks of tokens without the full ``[tokens, vocab]`` logits
+    (``skip_logits``; the same loss and gradients, a fraction of the memory); otherwise from the full logits.
+    Through the model's forward either way, so FSDP's gathered lm_head weight is what the loss reads.
+    ``num_items_in_batch=1`` asks for the plain sum: the loop scales it by the global target count itself.
+    """
+    if not fused:
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum")
+    return model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                 shift_labels=batch.targets, num_items_in_batch=1, skip_logits=True).loss
 
 
 def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) -> TrainResult:
@@ -164,7 +173,7 @@ def _run(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None) -> TrainRe
                 sync = k == len(batches) - 1 or not hasattr(runner, "no_sync")
                 with (contextlib.nullcontext() if sync else runner.no_sync(),
                       torch.autocast(d.device.type, dtype=dtype, enabled=autocast)):
-                    loss = micro_step_loss(runner, batch)
+                    loss = micro_step_loss(runner, batch, cfg.fused_loss)
                 (loss * scale).backward()
                 loss_sum += loss.detach()
             grad_norm = clip_grad_norm(runner.parameters(), cfg.grad_clip)
