@@ -157,10 +157,10 @@ class _LargestAllocation(TorchDispatchMode):
 
 
 def test_no_tokens_by_vocab_tensor_is_ever_allocated():
-    """Loss and backward on 512 tokens x 4096 vocabulary: the plain path allocates the full 2M-element logits
-    (and their softmax and gradient); the fused path nothing above 1/8 of that (its largest: the [vocab, hidden]
-    weight gradient)."""
-    tokens, vocab, hidden_size = 512, 4096, 32
+    """Loss and backward on 4096 tokens x 4096 vocabulary: the plain path allocates the full 16M-element logits
+    (and their softmax and gradient); the fused path nothing above 1/8 of that (its largest: one chunk's
+    logits, 256 x 4096)."""
+    tokens, vocab, hidden_size = 4096, 4096, 32
     hidden = torch.randn(tokens, hidden_size, requires_grad=True)
     weight = (torch.randn(vocab, hidden_size) * 0.1).requires_grad_()
     targets = torch.randint(0, vocab, (tokens,))
