@@ -128,6 +128,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                     grad_weight.addmm_(grad.t(), h)
                 else:
                     grad_weight += grad.t() @ h  # low-precision product, accumulated in fp32
+            # Free this chunk's [c, vocab] buffers before the next chunk's matmul allocates its own (measured:
+            # otherwise two chunks are alive at once, 0.2 instead of ~0.1 of the plain logits at 4096 tokens).
+            del logits, grad
         ctx.grads = (grad_hidden, grad_weight, hidden.dtype, weight.dtype)
         return total / divisor
 
