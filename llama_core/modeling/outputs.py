@@ -19,7 +19,7 @@ class BaseModelOutput:
 
 @dataclass
 class CausalLMOutput:
-    logits: Tensor  # [batch, seq, vocab]
+    logits: Tensor | None  # [batch, seq, vocab]; None with skip_logits=True (the loss never built them)
     loss: Tensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[Tensor, ...] | None = None
