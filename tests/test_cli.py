@@ -98,8 +98,8 @@ def test_int8_weight_only_on_a_cpu_computes_in_fp32_when_compiled(flags, dtype, 
     args = parser.parse_args(["generate", "--model", "org/m", "--tokenizer", "t", "--prompt", "x", "--device", "cpu",
                               "--quantize", "int8-weight-only", *flags])
     seen = {}
-    monkeypatch.setattr(generation_options.Tokenizer, "from_pretrained", lambda source: None)
-    monkeypatch.setattr(generation_options.LlamaForCausalLM, "from_pretrained",
+    monkeypatch.setattr(Tokenizer, "from_pretrained", lambda source: None)
+    monkeypatch.setattr(LlamaForCausalLM, "from_pretrained",
                         lambda path, **kw: seen.update(kw))
     generation_options.load_model_and_tokenizer(args)
     assert seen["dtype"] == dtype and seen["quantize"] == "int8-weight-only"

@@ -137,7 +137,7 @@ def _type_checking_imports(path) -> dict[str, tuple[str, ...]]:
     return found
 
 
-@pytest.mark.parametrize("name", [*LAZY_PACKAGES, "llama_core.cli.generation_options"])
+@pytest.mark.parametrize("name", LAZY_PACKAGES)
 def test_lazy_table_type_checking_block_and_all_agree(name):
     """The lazy table (what runs), the TYPE_CHECKING imports (what type checkers and IDEs see) and ``__all__``
     (what the package promises) name the same things."""

@@ -4,28 +4,14 @@ where to run, their checks, and loading the model and tokenizer they name."""
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 # torch and the model are imported inside the functions that run a command: building the parser (--help,
 # argument errors) must not wait for torch (seconds on a loaded machine).
 if TYPE_CHECKING:
     from ..modeling.model import LlamaForCausalLM
     from ..tokenizer import Tokenizer
-
-# The classes load_model_and_tokenizer uses, still reachable as this module's attributes (PEP 562, on first
-# access) as when they were imported at the top: tests patch ``generation_options.Tokenizer.from_pretrained``.
-# Module -> names, as the packages' lazy tables (tests/test_import_layers.py reads them as imports).
-_LAZY_IMPORTS = {"..modeling.model": ("LlamaForCausalLM",), "..tokenizer": ("Tokenizer",)}
-_MODULE_OF = {name: module for module, names in _LAZY_IMPORTS.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_MODULE_OF[name], __package__), name)
-
 
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory, hub id, .gguf file, Meta directory or llama2.c .bin")
