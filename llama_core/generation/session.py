@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..modeling.cache import DynamicCache, StaticCache
-from .decode_loop import _compiled_decode_step, _decode_step
+from .decode_loop import _compiled_decode_step, _decode_step, run_step
 
 # A static cache is sized up to a multiple of this, so sequences of similar length share one compiled graph
 # (and inductor's on-disk cache): a compiled step is specialised to its cache's shape, and attention reads
@@ -61,20 +61,12 @@ class Session:
             raise ValueError("push follows a feed")
         device, n = self.model.device, len(self.fed)
         tokens = torch.tensor([[token]], device=device)
+        step = _compiled_decode_step() if self.compile else _decode_step
+        cache_position = torch.tensor([n], device=device) if self.compile else None
         with torch.inference_mode():
-            if not self.compile:
-                logits = _decode_step(self.model, self.cache, tokens, torch.tensor([[n]], device=device), None, None)
-            else:
-                step = _compiled_decode_step()
-                torch.compiler.cudagraph_mark_step_begin()  # the previous step's output was copied
-                args = (self.model, self.cache, tokens, torch.tensor([[n]], device=device),
-                        torch.tensor([n], device=device), None)
-                if self._guarded:  # same model, cache and shapes as the step that checked the guards
-                    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                        logits = step(*args)
-                else:
-                    logits = step(*args)
-                    self._guarded = True
+            logits = run_step(step, (self.model, self.cache, tokens, torch.tensor([[n]], device=device),
+                                     cache_position, None), self.compile, skip_guards=self._guarded)
+        self._guarded = self.compile  # same model, cache and shapes until the cache is replaced
         self.fed.append(token)
         return logits[0].float().clone()
 
