@@ -309,7 +309,7 @@ class Tokenizer:
             raise TypeError(f"{sorted(template_kwargs)}: extra arguments only apply to Jinja chat templates, and "
                             f"this tokenizer uses the built-in format")
         special = self.backend.special_tokens
-        if all(n in special for n in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")):
+        if all(n in special for n in chat_template.LLAMA3_HEADER_TOKENS):
             segments = chat_template.llama3_segments(messages, add_generation_prompt, special)
         elif self.bos_id is not None and self.eos_id is not None:
             segments = chat_template.llama2_segments(messages, self.bos_id, self.eos_id)
