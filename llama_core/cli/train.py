@@ -12,7 +12,7 @@ import logging
 import os
 
 from ..modeling.presets import preset_names
-from ..train.config import PARALLEL_MODES, TrainConfig
+from ..train.config import DATA_FORMATS, PARALLEL_MODES, TrainConfig
 
 
 def _override(text: str) -> tuple[str, object]:
@@ -28,7 +28,11 @@ def _override(text: str) -> tuple[str, object]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig(data="", output_dir="")
     data = p.add_argument_group("data")
-    data.add_argument("--data", required=True, help="a text file, or a directory of *.txt / *.md files")
+    data.add_argument("--data", required=True, help="a text file or a directory of *.txt / *.md files; or chat "
+                      "data: a .jsonl file (or directory of them) of {\"messages\": [...]} per line")
+    data.add_argument("--format", dest="data_format", choices=DATA_FORMATS, default=d.data_format,
+                      help="chat: render each conversation with the tokenizer's chat template and train on the "
+                      "assistant replies only; auto: chat for .jsonl data")
     data.add_argument("--tokenizer", help="tokenizer file or directory (default: the --init-from checkpoint's)")
     data.add_argument("--doc-separator", help="split files into documents on this string, e.g. $'\\n\\n' "
                       "(default: each file is one document)")
@@ -109,6 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 EXAMPLES = """examples:
   llama-core train --preset tiny --data corpus/ --tokenizer tok/ --output-dir run/
   llama-core train --init-from SmolLM2-135M-Instruct.Q4_1.gguf --data corpus/ --output-dir run/ --max-steps 200
+  llama-core train --init-from SmolLM2-135M-Instruct.Q4_1.gguf --data chat.jsonl --format chat --output-dir run/
   torchrun --nproc-per-node 8 -m llama_core.cli train ...        (several GPUs: FSDP2 by default)
 """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+DATA_FORMATS = ("auto", "text", "chat")
 # How the model is spread over torchrun's processes; "auto" is fsdp under torchrun, none on one process.
 PARALLEL_MODES = ("auto", "fsdp", "ddp", "tp", "none")
 
@@ -19,6 +20,9 @@ class TrainConfig:
     output_dir: str  # checkpoints/, metrics.jsonl and the exported hf/ model go here
     tokenizer: str | None = None  # default: the --init-from checkpoint's directory
     doc_separator: str | None = None  # split files into documents on this string (default: one file = one doc)
+    # "text" (plain documents), "chat" (JSONL {"messages": [...]}, loss on assistant replies only) or "auto"
+    # (chat for .jsonl data, text otherwise)
+    data_format: str = "auto"
 
     # The model: exactly one of a preset name, a config.json, or a checkpoint from_pretrained loads.
     preset: str | None = None
@@ -78,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and warmup_steps >= 0, got lr={self.lr}, warmup_steps={self.warmup_steps}")
         if self.parallel not in PARALLEL_MODES:
             raise ValueError(f"parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"data_format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
         if self.dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
         if self.tokenizer is None and self.init_from is None:

@@ -69,10 +69,13 @@ def read_documents(files: list[Path], separator: str | None = None) -> list[str]
 
 @dataclass
 class TokenStream:
-    """All documents back to back: ``tokens [n]`` and ``doc_ids [n]`` (document index of each token)."""
+    """All documents back to back: ``tokens [n]`` and ``doc_ids [n]`` (document index of each token).
+    ``trainable [n]`` (bool), where given, says which tokens are targets to train on (chat data: the assistant
+    replies); None trains on every token."""
 
     tokens: Tensor
     doc_ids: Tensor
+    trainable: Tensor | None = None
 
     @property
     def num_documents(self) -> int:
@@ -117,11 +120,14 @@ class Batch:
         return int((self.targets != IGNORE_INDEX).sum())
 
 
-def pack_windows(tokens: Tensor, doc_ids: Tensor) -> Batch:
-    """``tokens/doc_ids [b, t + 1]`` (consecutive stream slices) -> a Batch of length ``t``, on their device."""
+def pack_windows(tokens: Tensor, doc_ids: Tensor, trainable: Tensor | None = None) -> Batch:
+    """``tokens/doc_ids [b, t + 1]`` (consecutive stream slices) -> a Batch of length ``t``, on their device.
+    ``trainable [b, t + 1]`` (bool): only those tokens are targets; the others are IGNORE_INDEX."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
     docs, target_docs = doc_ids[:, :-1], doc_ids[:, 1:]
     targets[target_docs != docs] = IGNORE_INDEX
+    if trainable is not None:
+        targets[~trainable[:, 1:]] = IGNORE_INDEX
     t = inputs.shape[1]
     # Position of each token within its document: index minus the index of its document's first token
     # in this window (a document cut by the window's left edge restarts at 0, as if it began there).
@@ -170,7 +176,10 @@ class PackedWindows:
         span = self.seq_len + 1
         tokens = torch.stack([self.stream.tokens[r:r + span] for r in rows]).to(device)
         doc_ids = torch.stack([self.stream.doc_ids[r:r + span] for r in rows]).to(device)
-        return pack_windows(tokens, doc_ids)
+        trainable = self.stream.trainable
+        if trainable is not None:
+            trainable = torch.stack([trainable[r:r + span] for r in rows]).to(device)
+        return pack_windows(tokens, doc_ids, trainable)
 
     def step_batches(self, first_window: int, global_batch: int, micro_batch: int, rank: int, ranks: int,
                      device: torch.device | None = None) -> list[Batch]:

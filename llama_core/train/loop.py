@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..model_io.atomic import exclusive_directory
+from ..tokenizer import Tokenizer
 from .build import (
     build_model,
     check_model_fits,
@@ -36,6 +37,7 @@ from .build import (
     parallelize,
     uses_autocast,
 )
+from .chat_data import load_chat_stream, resolve_data_format
 from .checkpoint import (
     check_same_shape,
     export_hf,
@@ -45,7 +47,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .data import IGNORE_INDEX, Batch, PackedWindows, load_token_stream
+from .data import IGNORE_INDEX, Batch, PackedWindows, TokenStream, load_token_stream
 from .distributed import Dist, all_reduce_sum, clip_grad_norm, init_distributed
 from .metrics import mfu, peak_tflops
 from .schedule import lr_at
@@ -90,6 +92,15 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     return path
 
 
+def load_stream(cfg: TrainConfig, tokenizer: Tokenizer) -> TokenStream:
+    """The run's documents as one token stream: text files, or chat conversations trained on replies only."""
+    if resolve_data_format(cfg.data, cfg.data_format) == "chat":
+        if cfg.doc_separator is not None:
+            raise ValueError(f"{cfg.data} is chat data (one conversation per JSONL line): doc_separator does not apply")
+        return load_chat_stream(cfg.data, tokenizer)
+    return load_token_stream(cfg.data, tokenizer, cfg.doc_separator)
+
+
 def micro_step_loss(model: nn.Module, batch: Batch, fused: bool = True) -> torch.Tensor:
     """Summed next-token cross entropy (fp32) over the batch's trained targets.
 
@@ -128,7 +139,7 @@ def _run(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None) -> TrainRe
     check_model_fits(model, cfg, tokenizer)
     if resume is not None:  # a shape mismatch is an error now, not after sharding
         check_same_shape(read_trainer_state(resume)["model_config"], model.config, resume)
-    windows = PackedWindows(load_token_stream(cfg.data, tokenizer, cfg.doc_separator), cfg.seq_len, cfg.seed)
+    windows = PackedWindows(load_stream(cfg, tokenizer), cfg.seq_len, cfg.seed)
 
     dtype = compute_dtype(cfg.dtype, d.device)
     runner = parallelize(model, cfg, d, dtype)
