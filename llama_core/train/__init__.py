@@ -1,6 +1,7 @@
 """Training llama_core models: one loop for a single device and for torchrun (FSDP2, DDP, tensor parallel).
 
-Read in this order: ``config.py`` (every knob), ``data.py`` (packed documents), ``schedule.py``,
+Read in this order: ``config.py`` (every knob), ``data.py`` (packed documents), ``chat_data.py`` (chat
+conversations trained on their replies), ``schedule.py``,
 ``build.py`` (model, tokenizer, optimizer, wrapping), ``distributed.py``, ``loop.py`` (the step),
 ``checkpoint.py`` (exact resume, HF export), ``metrics.py`` (MFU). Training checkpoints (sharded model,
 optimizer, schedule, RNG and data position) live here; model checkpoints are ``llama_core.model_io``'s.
@@ -24,6 +25,7 @@ from .._lazy import install_lazy_imports
 # and its checkpoints load on first use. Module -> names, read by tests/test_import_layers.py as imports; the
 # TYPE_CHECKING block says the same for type checkers and IDEs.
 _LAZY_IMPORTS = {
+    ".chat_data": ("load_chat_stream",),
     ".checkpoint": ("export_hf", "list_checkpoints", "load_checkpoint", "save_checkpoint"),
     ".config": ("TrainConfig",),
     ".data": ("Batch", "PackedWindows", "TokenStream", "load_token_stream", "pack_windows"),
@@ -34,6 +36,7 @@ _LAZY_IMPORTS = {
 install_lazy_imports(globals(), _LAZY_IMPORTS)  # __getattr__, __dir__ and _MODULE_OF from the table
 
 if TYPE_CHECKING:
+    from .chat_data import load_chat_stream
     from .checkpoint import export_hf, list_checkpoints, load_checkpoint, save_checkpoint
     from .config import TrainConfig
     from .data import Batch, PackedWindows, TokenStream, load_token_stream, pack_windows
@@ -56,6 +59,7 @@ __all__ = [
     "fully_shard_model",
     "init_distributed",
     "list_checkpoints",
+    "load_chat_stream",
     "load_checkpoint",
     "load_token_stream",
     "lr_at",
