@@ -83,7 +83,7 @@ def candidates(pair: ModelPair, settings: BenchSettings, batch: int) -> dict[str
                 return torch.cat([ids, new], dim=1)
 
             fns[f"{llamacpp.IMPL}/{mode}"] = (cpp, runner.weight_bytes)
-    return fns
+    return settings.keep(fns)
 
 
 def common_prefix(a: torch.Tensor, b: torch.Tensor, start: int) -> int:

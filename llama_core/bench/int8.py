@@ -83,7 +83,7 @@ def _gemm_calls(x: torch.Tensor, w: torch.Tensor, w_q: torch.Tensor,
     }
 
 
-def _decode_tokens_per_s(model: torch.nn.Module, new_tokens: int, device: str, compile: bool) -> float:
+def decode_tokens_per_s(model: torch.nn.Module, new_tokens: int, device: str, compile: bool) -> float:
     from ..generation import generate
 
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
@@ -109,7 +109,7 @@ def int8_decode_rows(device: str, preset: str, dtype: str = "bfloat16", new_toke
     base = None
     for mode in (None, "int8", "int8-weight-only"):
         model = full if mode is None else quantize(copy.deepcopy(full), mode)
-        tps = _decode_tokens_per_s(model, new_tokens, device, compile)
+        tps = decode_tokens_per_s(model, new_tokens, device, compile)
         base = tps if mode is None else base
         row = dict(op="int8_decode", preset=preset, mode=mode or dtype, dtype=dtype, compile=compile,
                    new_tokens=new_tokens, tokens_per_s=tps, speedup_vs_full=tps / base,
