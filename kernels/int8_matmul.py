@@ -130,16 +130,34 @@ def _int8_matmul_kernel(
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _configs() -> list:
-    c = triton.Config
-    decode = [c(dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1), num_warps=4, num_stages=s)
-              for bn, bk, s in ((32, 256, 4), (64, 128, 5), (64, 256, 4), (128, 128, 4), (128, 256, 3))]
-    middle = [c(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8), num_warps=4, num_stages=4)
-              for bm, bn in ((32, 64), (64, 64), (64, 128))]
-    prefill = [c(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-               for bm, bn, bk, w, s in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
-                                        (128, 128, 64, 4, 4), (64, 256, 128, 8, 3))]
-    return decode + middle + prefill
+def _decode_configs() -> list:
+    return [triton.Config(dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1), num_warps=4, num_stages=s)
+            for bn, bk, s in ((32, 256, 4), (64, 128, 5), (64, 256, 4), (128, 128, 4), (128, 256, 3))]
+
+
+def _middle_configs() -> list:
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8), num_warps=4, num_stages=4)
+            for bm, bn in ((32, 64), (64, 64), (64, 128))]
+
+
+def _prefill_configs() -> list:
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                                     (128, 128, 64, 4, 4), (64, 256, 128, 8, 3))]
+
+
+def _small_configs() -> list:
+    return _decode_configs() + _middle_configs()
+
+
+def _large_configs() -> list:
+    return _middle_configs() + _prefill_configs()
+
+
+def _configs_for(m: int):
+    """Autotuning candidates pruned by M before any is timed: a 256-row tile for one decode row (or a 16-row
+    tile for 4096 rows) never wins, and each candidate costs a compilation and a timing per new shape."""
+    return _decode_configs if m <= 16 else _small_configs if m <= 64 else _large_configs
 
 
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
@@ -156,7 +174,7 @@ def _int8_matmul_triton(a_q, a_scale, w_q, w_scale, bias, x, outlier_cols, out_d
     has_outliers = outlier_cols is not None
     if has_outliers and x.stride(-1) != 1:
         x = x.contiguous()
-    kernel, config = autotuned(_int8_matmul_kernel, _configs, _AUTOTUNE_KEY, _INTERPRETER_CONFIG)
+    kernel, config = autotuned(_int8_matmul_kernel, _configs_for(m), _AUTOTUNE_KEY, _INTERPRETER_CONFIG)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

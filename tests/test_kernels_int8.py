@@ -196,6 +196,54 @@ def test_weight_only_matches_reference(m, k, n, dtype, bias):
     assert_bound(got, ref, out_rtol(dtype) + EPS32, atol)
 
 
+@needs_triton
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k,n,bias", [(1, 600, 33, False), (16, 1030, 40, True)])  # K not a slice multiple
+def test_weight_only_split_k_matches_reference(m, k, n, bias, dtype, split):
+    """The decode path (K split over programs, slots summed in order by a second kernel): within the same
+    summation-order bound as the plain kernel, and bit-identical from one call to the next (no atomics)."""
+    torch.manual_seed(3)
+    x = activations(m, k, dtype)
+    w_q, w_s = int8_weight(n, k)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    got = WO._weight_only_triton(x, w_q, w_s, b, split_k=split)
+    ref = WO.int8_weight_only_matmul_ref(x, w_q, w_s, b)
+    atol = 2 * k * EPS32 * (x.float().abs() @ w_q.float().abs().t()) * w_s + EPS32 * ref.float().abs()
+    assert_bound(got, ref, out_rtol(dtype) + EPS32, atol)
+    assert torch.equal(got, WO._weight_only_triton(x, w_q, w_s, b, split_k=split))
+    if dtype == torch.float32:  # the plain kernel sums the same K-blocks in another grouping: close, not equal
+        plain = WO._weight_only_triton(x, w_q, w_s, b, split_k=1)
+        assert_bound(got, plain, 0.0, atol)
+
+
+@needs_triton
+def test_autotune_candidates_are_pruned_by_rows():
+    """Decode shapes tune only 16-row tiles and prefill shapes never do (each candidate costs a compilation and
+    a timing per new shape on the GPU)."""
+    for module in (MM, WO):
+        decode = {c.kwargs["BLOCK_M"] for c in module._configs_for(1)()}
+        prefill = {c.kwargs["BLOCK_M"] for c in module._configs_for(4096)()}
+        middle = {c.kwargs["BLOCK_M"] for c in module._configs_for(48)()}
+        assert decode == {16} and 16 not in prefill and max(prefill) >= 128
+        assert 16 in middle and len(middle) > 1  # between the two, both kinds are timed
+
+
+def test_split_k_is_chosen_for_decode_rows_only(monkeypatch):
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    cuda = torch.device("cuda")
+    assert WO.split_k_for(1, 4096, 4096, cuda) == 4  # 64 programs x 4 <= 2 waves of 132 SMs
+    assert WO.split_k_for(16, 4096, 14336, cuda) == 4
+    assert WO.split_k_for(1, 14336, 4096, cuda) == 1  # 224 programs already fill the device
+    assert WO.split_k_for(17, 4096, 4096, cuda) == 1  # above SPLIT_K_MAX_M
+    assert WO.split_k_for(1, 4096, 4096, torch.device("cpu")) == 1
+    monkeypatch.setattr(WO, "SPLIT_K_MAX_M", 0)  # how the GPU check measures the plain kernel at decode sizes
+    assert WO.split_k_for(1, 4096, 4096, cuda) == 1
+
+
 @pytest.mark.parametrize("rows", [3, 40], ids=["int8pack", "dequant-blas"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_weight_only_cpu_path_matches_reference(dtype, rows):
