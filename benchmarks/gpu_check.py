@@ -125,13 +125,13 @@ def run_stages(names: list[str], args: argparse.Namespace, log: Any) -> tuple[li
     return outcomes, rows
 
 
-def summary_text(env: dict[str, Any], outcomes: list[dict], targets: list[Any], dry: bool) -> str:
+def summary_text(env: dict[str, Any], outcomes: list[dict], targets: list[Any], choices: list[str], dry: bool) -> str:
     head = (f"GPU check{' (DRY RUN: CPU plumbing, numbers mean nothing)' if dry else ''} on {env['device']}, "
             f"torch {env['torch']}, triton {env['triton']}, git {env['git_sha']}, {env['date']}")
     stages = "stages: " + ", ".join(f"{o['stage']} {o['status']}" + (f" ({o.get('seconds', 0):.0f}s)")
                                     for o in outcomes)
     problems = [f"  {o['stage']}: {o['status']}: {o['why']}" for o in outcomes if o["status"] != "ok"]
-    return "\n".join([head, stages, *problems, *(t.line() for t in targets)]) + "\n"
+    return "\n".join([head, stages, *problems, *(t.line() for t in targets), *choices]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: nothing to check (use --dry-run for the CPU plumbing run)")
         return NO_CUDA_EXIT
-    from gpu_targets import evaluate
+    from gpu_targets import decisions, evaluate
 
     from llama_core.bench.environment import environment
 
@@ -152,14 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with (args.output / "stages.log").open("w") as log:
         outcomes, rows = run_stages(names, args, log)
-    parts = sorted({row_part for row_part in PARTS if args.part in (row_part, "all")})
+    from gpu_stages import STAGES
+
+    parts = sorted({STAGES[name][0] for name in names})  # the targets of what was asked for
     targets = evaluate(rows, parts)
+    choices = decisions(rows)
     env = environment("cpu" if args.dry_run else "cuda")
     record = {"environment": env, "dry_run": args.dry_run, "part": args.part, "budget_s": args.budget_s,
               "seconds": round(time.monotonic() - started, 1), "stages": outcomes,
-              "targets": [t.to_dict() for t in targets], "rows": rows}
+              "targets": [t.to_dict() for t in targets], "decisions": choices, "rows": rows}
     (args.output / "gpu-check.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    text = summary_text(env, outcomes, targets, args.dry_run)
+    text = summary_text(env, outcomes, targets, choices, args.dry_run)
     (args.output / "summary.txt").write_text(text)
     print(text, end="")
     return 0

@@ -141,5 +141,39 @@ def e2e_targets(rows: list[Row]) -> list[Target]:
     return out
 
 
+def _paired(rows: list[Row], impl: str, other: str, m_ok: Callable[[int], bool]) -> list[tuple[float, Row]]:
+    """``time(other) / time(impl)`` (> 1: ``impl`` is faster) at each (M, K, N) where both were measured."""
+    gemm = _select(rows, "int8_matmul")
+    out = []
+    for r in gemm:
+        if r["impl"] == impl and m_ok(r["m"]):
+            o = [x for x in gemm if x["impl"] == other and (x["m"], x["k"], x["n"]) == (r["m"], r["k"], r["n"])]
+            if o:
+                out.append((o[0]["ms"] / r["ms"], r))
+    return out
+
+
+def decisions(rows: list[Row]) -> list[str]:
+    """Choices between kernel variants, made from this run's measurements (one line each, for the summary)."""
+    out = []
+    split = _paired(rows, "weight_only", "weight_only_plain", lambda m: m <= 16)
+    if split:
+        wins = sum(x > 1.0 for x, _ in split)
+        worst = min(split, key=lambda p: p[0])
+        verdict = ("keep split-K (kernels/int8_weight_only.py SPLIT_K_MAX_M = 16)" if wins * 2 > len(split)
+                   else "split-K loses: set SPLIT_K_MAX_M = 0")
+        out.append(f"DECIDE   weight-only split-K at M <= 16: faster at {wins}/{len(split)} points, worst "
+                   f"{worst[0]:.2f}x at M={worst[1]['m']} K={worst[1]['k']} N={worst[1]['n']} -> {verdict}")
+    branch = _paired(rows, "w8a8_linear_t0", "w8a8_linear", lambda m: True)
+    if branch:
+        ratios = sorted(x for x, _ in branch)
+        median = ratios[len(ratios) // 2]
+        verdict = ("the outlier branch costs < 5%: keep threshold 6 as the default" if median < 1.05
+                   else "the outlier branch costs >= 5%: consider threshold 0 (pure W8A8) where accuracy allows")
+        out.append(f"DECIDE   W8A8 outlier branch: threshold 0 is {median:.2f}x the speed of threshold 6 (median of "
+                   f"{len(ratios)} points) -> {verdict}")
+    return out
+
+
 def evaluate(rows: list[Row], parts: list[str]) -> list[Target]:
     return (kernel_targets(rows) if "kernels" in parts else []) + (e2e_targets(rows) if "e2e" in parts else [])

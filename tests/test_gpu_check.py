@@ -78,6 +78,22 @@ def test_training_mfu_ignores_the_compiling_steps():
     assert (mfu.status, mfu.value) == ("MISS", 0.35)
 
 
+def test_variant_decisions_follow_the_measurements():
+    targets = _module("gpu_targets")
+
+    def row(impl, m, ms):
+        return {"kind": "int8_matmul", "impl": impl, "m": m, "k": 8, "n": 8, "ms": ms}
+
+    split_wins = [row("weight_only", 1, 1.0), row("weight_only_plain", 1, 1.5), row("weight_only", 16, 1.0),
+                  row("weight_only_plain", 16, 1.2), row("weight_only", 512, 9.0), row("weight_only_plain", 512, 1.0)]
+    (line,) = targets.decisions(split_wins)
+    assert "2/2 points" in line and "keep split-K" in line  # M=512 is not a split-K point
+    split_loses = [row("weight_only", 1, 2.0), row("weight_only_plain", 1, 1.0)]
+    assert "set SPLIT_K_MAX_M = 0" in targets.decisions(split_loses)[0]
+    cheap_branch = [row("w8a8_linear", 512, 1.02), row("w8a8_linear_t0", 512, 1.0)]
+    assert "keep threshold 6" in targets.decisions(cheap_branch)[0]
+
+
 def test_junit_counts(tmp_path):
     xml = tmp_path / "j.xml"
     xml.write_text('<testsuites><testsuite><testcase classname="a" name="ok"/>'
@@ -95,6 +111,7 @@ def test_overrunning_stages_are_stopped_and_outputs_still_written(tmp_path):
     summary = (tmp_path / "summary.txt").read_text()
     assert "int8_gemm: stopped: outran its" in summary and summary in proc.stdout
     assert all(t["status"] == "NOT RUN" for t in record["targets"] if "W8A8" in t["name"])
+    assert not any("#19" in line for line in summary.splitlines())  # only the asked-for part's targets
 
 
 @pytest.mark.slow
@@ -113,6 +130,8 @@ def test_dry_run_kernels_part(tmp_path):
     summary = (tmp_path / "summary.txt").read_text().splitlines()
     assert summary[0].startswith("GPU check (DRY RUN")
     assert summary[0] in proc.stdout
+    decide = [line for line in summary if line.startswith("DECIDE")]  # split-K and the outlier branch, measured
+    assert len(decide) == 2 and "split-K" in decide[0] and "outlier branch" in decide[1]
     assert len(summary) <= 30 and sum(line.split()[0] in ("PASS", "MISS", "NOT") for line in summary) == 10
 
 

@@ -7,7 +7,9 @@ GEMM rows (``int8_matmul_rows``), per (M, K, N) with ``x [M, K] @ W[N, K]^T``:
                     (skipped where its backend refuses the shape, e.g. CUDA M <= 16)
   ``w8a8_gemm``     our int8 GEMM with its fused scale epilogue, on pre-quantised activations
   ``w8a8_linear``   what a W8A8 Int8Linear runs: outlier mask + per-token quantisation + the GEMM (threshold 6)
-  ``weight_only``   our weight-only int8 GEMM (activations stay bf16)
+  ``w8a8_linear_t0`` the same with threshold 0: no outlier mask, the kernel without its outlier branch
+  ``weight_only``   our weight-only int8 GEMM (activations stay bf16; split-K at decode sizes where chosen)
+  ``weight_only_plain`` the weight-only GEMM without split-K (at M <= 16, where split-K may be chosen)
 TFLOP/s = 2 M N K / time; GB/s = bytes of the operands read and the output written / time.
 On CPU the int8 rows are PyTorch's own CPU paths (``torch._int_mm``, ``_weight_int8pack_mm``), not Triton.
 
@@ -67,20 +69,27 @@ def int8_matmul_rows(device: str, m_values: Sequence[int] = M_VALUES,
 def _gemm_calls(x: torch.Tensor, w: torch.Tensor, w_q: torch.Tensor,
                 w_s: torch.Tensor) -> dict[str, tuple[Callable[[], object], int]]:
     """name -> (call, bytes it must move) for ``x [M, K]`` against ``w [N, K]`` and its int8 form."""
+    from kernels import int8_weight_only
+    from kernels._runtime import triton_runs_on
     from kernels.int8_matmul import int8_linear, int8_matmul
     from kernels.int8_quant import quantize_rows
-    from kernels.int8_weight_only import int8_weight_only_matmul
 
     (m, k), n, elt = x.shape, w.shape[0], x.element_size()
     a_q, a_s = quantize_rows(x)
     x_w8a8 = m * k * elt + n * k + 4 * n + m * n * elt  # bf16 x in, int8 W, scales, bf16 out
-    return {
+    calls = {
         "dense_matmul": (lambda: x @ w.t(), (m * k + n * k + m * n) * elt),
         "torch_int_mm": (lambda: torch._int_mm(a_q, w_q.t()), m * k + n * k + 4 * m * n),
         "w8a8_gemm": (lambda: int8_matmul(a_q, a_s, w_q, w_s, out_dtype=x.dtype), m * k + n * k + 4 * (m + n) + m * n * elt),
         "w8a8_linear": (lambda: int8_linear(x, w_q, w_s, threshold=6.0), x_w8a8),
-        "weight_only": (lambda: int8_weight_only_matmul(x, w_q, w_s), x_w8a8),
+        # threshold 0: pure W8A8, the kernel compiled without its outlier branch (what the branch costs)
+        "w8a8_linear_t0": (lambda: int8_linear(x, w_q, w_s, threshold=0.0), x_w8a8),
+        "weight_only": (lambda: int8_weight_only.int8_weight_only_matmul(x, w_q, w_s), x_w8a8),
     }
+    if triton_runs_on(x) and m <= int8_weight_only.SPLIT_K_MAX_M:  # the plain kernel where split-K may be chosen
+        calls["weight_only_plain"] = (lambda: int8_weight_only._weight_only_triton(x, w_q, w_s, None, split_k=1),
+                                      x_w8a8)
+    return calls
 
 
 def decode_tokens_per_s(model: torch.nn.Module, new_tokens: int, device: str, compile: bool) -> float:
