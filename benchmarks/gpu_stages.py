@@ -221,7 +221,7 @@ def stage_e2e_variants(ctx: StageContext) -> None:
         else:
             full.set_kernels("auto")
             model = quantize(copy.deepcopy(full), variant)
-        tps = decode_tokens_per_s(model, new_tokens, ctx.device, compile)
+        tps = decode_tokens_per_s(model, new_tokens, ctx.device, compile, repeats=1 if ctx.dry else 3)
         base = tps if base is None else base
         ctx.emit({"kind": "e2e_variant", "preset": preset, "variant": variant, "compile": compile,
                   "tokens_per_s": tps, "vs_kernels_auto": tps / base})

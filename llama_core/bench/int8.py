@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -92,15 +93,19 @@ def _gemm_calls(x: torch.Tensor, w: torch.Tensor, w_q: torch.Tensor,
     return calls
 
 
-def decode_tokens_per_s(model: torch.nn.Module, new_tokens: int, device: str, compile: bool) -> float:
+def decode_tokens_per_s(model: torch.nn.Module, new_tokens: int, device: str, compile: bool,
+                        repeats: int = 1) -> float:
+    """Greedy batch-1 tokens/s of ``generate``, the median of ``repeats`` timed calls after a warm-up."""
     from ..generation import generate
+    from ..modeling.cache import StaticCache
 
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
     kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])  # never stop
     if compile:
-        kwargs.update(cache="static", compile=True)
+        # one cache for every call: a CUDA-graphed step re-records when its cache buffers move
+        kwargs.update(cache=StaticCache(model.config, max_batch_size=1, max_cache_len=16 + new_tokens), compile=True)
     generate(model, prompt, **{**kwargs, "max_new_tokens": min(new_tokens, 8)})  # warm-up (and compile)
-    seconds = time_call(lambda: generate(model, prompt, **kwargs), device)
+    seconds = statistics.median(time_call(lambda: generate(model, prompt, **kwargs), device) for _ in range(repeats))
     return new_tokens / seconds  # eos_token_id=[]: every call produces exactly new_tokens
 
 
