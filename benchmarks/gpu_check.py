@@ -14,7 +14,8 @@ stage that would get under ``MIN_STAGE_S`` is skipped. The run always ends by wr
     gpu-check.json    every row of every stage, stage outcomes, target verdicts, environment (device, versions, sha)
     summary.txt       one screen: each target PASS / MISS / NOT RUN with its number (also printed)
     pytest-gpu.xml    junit of the gpu-marked tests
-    stages.log        each stage's stderr tail
+    stages.log        each stage's output (stdout and stderr) tail
+    gpu-check.png     kernel GB/s vs copy, int8 speedups by M, decode tok/s (where matplotlib imports)
 
 Exit codes: 0 the check ran (whatever the verdicts; read summary.txt), 3 no CUDA device and no --dry-run
 (nothing checked: prints "no CUDA device: nothing to check"), 2 bad arguments.
@@ -165,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     text = summary_text(env, outcomes, targets, choices, args.dry_run)
     (args.output / "summary.txt").write_text(text)
     print(text, end="")
+    try:  # a picture is a nicety: never let it cost the record
+        from gpu_plot import plot
+
+        plot(rows, args.output / "gpu-check.png", text.splitlines()[0])
+    except Exception as e:
+        print(f"gpu_check: no plot: {e}")
     return 0
 
 

@@ -126,7 +126,7 @@ def test_dry_run_kernels_part(tmp_path):
     env = record["environment"]
     assert env["device"] and env["torch"] and env["git_sha"]
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["gpu-check.json", "pytest-gpu.xml", "stages.log", "summary.txt"]  # <= 8, nothing left over
+    assert files == ["gpu-check.json", "gpu-check.png", "pytest-gpu.xml", "stages.log", "summary.txt"]  # <= 8
     summary = (tmp_path / "summary.txt").read_text().splitlines()
     assert summary[0].startswith("GPU check (DRY RUN")
     assert summary[0] in proc.stdout
