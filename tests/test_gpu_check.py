@@ -146,5 +146,7 @@ def test_dry_run_e2e_part(tmp_path):
     assert {r["variant"] for r in rows if r["kind"] == "e2e_variant"} == {
         "kernels-auto", "kernels-torch", "int8", "int8-weight-only"}
     assert [r["step"] for r in rows if r["kind"] == "train_step"] == [0, 1]
-    # a speed verdict on a CPU means nothing, but the rows must reach the target that reads them
-    assert any(t["status"] != "NOT RUN" and "eager decode" in t["name"] for t in record["targets"])
+    # A speed verdict on a CPU means nothing (a 3-step decode of a tiny model can even time <= 0 on a busy
+    # machine, leaving no ratio), but the rows must be named as the targets read them.
+    assert "tiny: eager decode >= transformers eager, batch 1" in {t["name"] for t in record["targets"]}
+    assert all("vs_transformers" in r for r in rows if r["kind"] == "e2e_decode" and r["impl"] == "llama_core")
