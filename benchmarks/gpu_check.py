@@ -5,10 +5,12 @@ call, inside a time budget, with every result in at most a handful of files.
     python benchmarks/gpu_check.py --output OUT --part kernels   # or e2e
     python benchmarks/gpu_check.py --output OUT --dry-run        # CPU: every stage at tiny shapes (CI)
 
+    python benchmarks/gpu_check.py --output OUT --stage e2e_1b --stage train   # a rerun of some stages
+
 Stages (benchmarks/gpu_stages.py), each in its own process with its share of ``--budget-s`` (time one leaves
-unused passes on): the ``gpu``-marked tests, copy bandwidth, RMSNorm, RoPE, int8 GEMMs (part ``kernels``);
-``llama-core bench``'s prefill/decode of the 1B and 8B shapes, compiled-decode variants and a short training
-run (part ``e2e``). A stage that outruns its share is stopped and reported with the rows it had written; a
+unused passes on): the ``gpu``-marked tests, RMSNorm, RoPE, int8 GEMMs, each beside a copy-bandwidth
+measurement (part ``kernels``); ``llama-core bench``'s prefill/decode of the 8B and 1B shapes, compiled-decode
+variants and a short training run (part ``e2e``). A stage that outruns its share is stopped and reported with the rows it had written; a
 stage that would get under ``MIN_STAGE_S`` is skipped. The run always ends by writing, in ``--output``:
 
     gpu-check.json    every row of every stage, stage outcomes, target verdicts, environment (device, versions, sha)
