@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.budget_s <= 0:
         p.error(f"--budget-s must be positive, got {args.budget_s}")
+    args.output = args.output.resolve()  # the stages (and pytest) run with other working directories
     return args
 
 

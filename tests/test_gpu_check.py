@@ -94,6 +94,17 @@ def test_variant_decisions_follow_the_measurements():
     assert "keep threshold 6" in targets.decisions(cheap_branch)[0]
 
 
+def test_e2e_phases_cover_the_issue_and_put_the_targets_first():
+    """Issue 19's measurements: prefill at 512 and 2048, decode at batch 1 and 8, eager and compiled, int8
+    weight-only compiled, transformers beside each; batch-1 decode (the bandwidth targets) first."""
+    phases = _module("gpu_stages").E2E_PHASES
+    assert {(what, size) for what, size, _ in phases} == {("prefill", 512), ("prefill", 2048), ("decode", 1),
+                                                          ("decode", 8)}
+    assert phases[0][:2] == ("decode", 1)
+    assert {"llama_core/compiled", "llama_core/int8-weight-only-compiled"} <= set(phases[0][2])
+    assert all("transformers/eager" in only and "llama_core/eager" in only for _, _, only in phases)
+
+
 def test_junit_counts(tmp_path):
     xml = tmp_path / "j.xml"
     xml.write_text('<testsuites><testsuite><testcase classname="a" name="ok"/>'
