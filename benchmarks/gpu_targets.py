@@ -156,13 +156,15 @@ def _paired(rows: list[Row], impl: str, other: str, m_ok: Callable[[int], bool])
 def decisions(rows: list[Row]) -> list[str]:
     """Choices between kernel variants, made from this run's measurements (one line each, for the summary)."""
     out = []
-    split = _paired(rows, "weight_only", "weight_only_plain", lambda m: m <= 16)
-    if split:
+    for impl in ("weight_only", "w8a8_gemm"):
+        split = _paired(rows, impl, f"{impl}_plain", lambda m: m <= 16)
+        if not split:
+            continue
         wins = sum(x > 1.0 for x, _ in split)
         worst = min(split, key=lambda p: p[0])
-        verdict = ("keep split-K (kernels/int8_weight_only.py SPLIT_K_MAX_M = 16)" if wins * 2 > len(split)
-                   else "split-K loses: set SPLIT_K_MAX_M = 0")
-        out.append(f"DECIDE   weight-only split-K at M <= 16: faster at {wins}/{len(split)} points, worst "
+        verdict = ("keep split-K (kernels/int8_split_k.py SPLIT_K_MAX_M = 16)" if wins * 2 > len(split)
+                   else "split-K loses: set SPLIT_K_MAX_M = 0 (or tune split_k_for)")
+        out.append(f"DECIDE   {impl} split-K at M <= 16: faster at {wins}/{len(split)} points, worst "
                    f"{worst[0]:.2f}x at M={worst[1]['m']} K={worst[1]['k']} N={worst[1]['n']} -> {verdict}")
     branch = _paired(rows, "w8a8_linear_t0", "w8a8_linear", lambda m: True)
     if branch:

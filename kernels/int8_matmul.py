@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ._runtime import HAS_TRITON, autotuned, interpreting, triton_runs_on
 from .int8_quant import quantize_rows
+from .int8_split_k import split_k_for, w8a8_split_k
 
 if HAS_TRITON:
     import triton
@@ -166,7 +167,9 @@ _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 _AUTOTUNE_KEY = ("M_BUCKET", "N", "K", "HAS_OUTLIERS")
 
 
-def _int8_matmul_triton(a_q, a_scale, w_q, w_scale, bias, x, outlier_cols, out_dtype) -> Tensor:
+def _int8_matmul_triton(a_q, a_scale, w_q, w_scale, bias, x, outlier_cols, out_dtype,
+                        split_k: int | None = None) -> Tensor:
+    """``split_k``: K-slices (None: ``split_k_for`` decides, 1: this kernel; see kernels/int8_split_k.py)."""
     m, k = a_q.shape
     n = w_q.shape[0]
     a_q, w_q = a_q.contiguous(), w_q.contiguous()
@@ -176,6 +179,9 @@ def _int8_matmul_triton(a_q, a_scale, w_q, w_scale, bias, x, outlier_cols, out_d
     has_outliers = outlier_cols is not None
     if has_outliers and x.stride(-1) != 1:
         x = x.contiguous()
+    split = split_k_for(m, n, k, a_q.device) if split_k is None else split_k
+    if split > 1:
+        return w8a8_split_k(a_q, a_scale, w_q, w_scale, bias, x, outlier_cols, out, split)
     kernel, config = autotuned(_int8_matmul_kernel, _configs_for(m), _AUTOTUNE_KEY, _INTERPRETER_CONFIG)
 
     def grid(meta):

@@ -7,7 +7,8 @@ Public surface:
 ``out[m, n] = (sum_k x[m, k] w_q[n, k]) * w_scale[n] + bias[n]`` with fp32 accumulation, output in x's
 dtype. Decoding at small batch is bound by reading the weights; int8 halves those bytes against bf16 and
 the per-channel scale is applied once per output, after the K loop, so the inner loop is a plain
-dequantise-free ``dot(x, w.to(x.dtype))`` (int8 values are exact in bf16/fp16).
+dequantise-free ``dot(x, w.to(x.dtype))`` (int8 values are exact in bf16/fp16). At decode sizes the K loop
+may be split over programs (kernels/int8_split_k.py).
 
 Without Triton: ``torch.ops.aten._weight_int8pack_mm`` (PyTorch's own CPU weight-only kernel) for a few
 rows in half precision, else the weights converted to x's dtype and a BLAS matmul, scaled per output.
@@ -18,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._runtime import HAS_TRITON, autotuned, interpreting, jitted, triton_runs_on
+from ._runtime import HAS_TRITON, autotuned, interpreting, triton_runs_on
+from .int8_split_k import split_k_for, weight_only_split_k
 
 if HAS_TRITON:
     import triton
@@ -122,96 +124,10 @@ def _weight_only_triton(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | 
         return out
     split = split_k_for(m, n, k, x.device) if split_k is None else split_k
     if split > 1:
-        _launch_split_k(x, w_q, w_scale, bias, out, m, n, k, split)
+        weight_only_split_k(x, w_q, w_scale, bias, out, split)
     else:
         _launch_plain(x, w_q, w_scale, bias, out, m, n, k)
     return out
-
-
-# ----------------------------------------------------------------------------------------------- split-K
-# At decode sizes (M <= 16) the plain kernel has one program per BLOCK_N outputs: 32 to 128 programs for
-# N = 4096, too few to keep an H100/H200's 132 SMs streaming the weights. Split-K gives each program a slice
-# of K as well; each writes fp32 partial sums to its own slot of a [SPLIT_K, M, N] buffer and a second kernel
-# adds the slots in a fixed order (deterministic, unlike atomics), scales, adds the bias and casts.
-SPLIT_K_MAX_M = 16  # rows up to which split-K may be used; 0 disables it (the GPU check measures both)
-SPLIT_K_CHOICES = (1, 2, 4, 8)
-_MIN_K_PER_SPLIT = 512
-
-
-def split_k_for(m: int, n: int, k: int, device: torch.device) -> int:
-    """K-slices for an ``[m, k] @ [n, k]^T`` product: the most (up to 8) that keep the programs (at 64 outputs
-    each) within two waves of the SMs and each slice at least 512 deep; 1 above ``SPLIT_K_MAX_M`` rows and
-    wherever the plain grid already fills the device (N = 14336 on 132 SMs)."""
-    if m > SPLIT_K_MAX_M or device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    programs = triton.cdiv(n, 64)
-    best = 1
-    for split in SPLIT_K_CHOICES:
-        if programs * split <= 2 * sms and k // split >= _MIN_K_PER_SPLIT:
-            best = split
-    return best
-
-
-def _split_k_kernel(
-    X, W, P, M, N, K, K_PER_SPLIT, stride_xm, stride_wn,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    # X [M, K] float, W [N, K] int8, P [SPLIT_K, M, N] fp32 partial sums (program (n, s) fills slot s).
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rm = tl.arange(0, BLOCK_M).to(tl.int64)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
-    k_start = pid_s * K_PER_SPLIT  # a multiple of BLOCK_K
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        kk = k0 + rk
-        x = tl.load(X + rm[:, None] * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < k_end),
-                    other=0.0)
-        w = tl.load(W + rn[None, :] * stride_wn + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < k_end),
-                    other=0)
-        if IEEE:
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(x, w.to(x.dtype))
-    tl.store(P + pid_s * M * N + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-def _split_k_reduce_kernel(P, SW, BIAS, OUT, M, N, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    # P [SPLIT_K, M, N] fp32 -> OUT [M, N] (contiguous): the slots summed in order, then the per-channel scale.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < M * N
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(P + s * M * N + offs, mask=mask, other=0.0)
-    cols = offs % N
-    out = acc * tl.load(SW + cols, mask=mask, other=0.0)
-    if HAS_BIAS:
-        out += tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
-
-
-def _launch_split_k(x, w_q, w_scale, bias, out, m, n, k, split):
-    if m > 16:
-        raise ValueError(f"int8 weight-only split-K handles up to 16 rows, got {m}")
-    block_k = 256  # the largest BLOCK_K of the configs: every slice boundary is a multiple of each of them
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    split = triton.cdiv(k, k_per_split)  # no empty slices
-    partial = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), split)
-
-    kernel, config = autotuned(_split_k_kernel, _decode_configs, ("N", "K", "K_PER_SPLIT"), _INTERPRETER_CONFIG)
-    kernel[grid](x, w_q, partial, m, n, k, k_per_split, x.stride(0), w_q.stride(0),
-                 IEEE=x.dtype == torch.float32 or interpreting(), **config)
-    block = 1024
-    jitted(_split_k_reduce_kernel)[(triton.cdiv(m * n, block),)](
-        partial, w_scale.float().contiguous(), bias if bias is not None else w_scale, out, m, n,
-        SPLIT_K=split, HAS_BIAS=bias is not None, BLOCK=block)
 
 
 # ----------------------------------------------------------------------------------------------- op

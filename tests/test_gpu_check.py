@@ -142,7 +142,8 @@ def test_dry_run_kernels_part(tmp_path):
     assert summary[0].startswith("GPU check (DRY RUN")
     assert summary[0] in proc.stdout
     decide = [line for line in summary if line.startswith("DECIDE")]  # split-K and the outlier branch, measured
-    assert len(decide) == 2 and "split-K" in decide[0] and "outlier branch" in decide[1]
+    assert len(decide) == 3 and "weight_only split-K" in decide[0] and "w8a8_gemm split-K" in decide[1]
+    assert "outlier branch" in decide[2]
     assert len(summary) <= 30 and sum(line.split()[0] in ("PASS", "MISS", "NOT") for line in summary) == 10
 
 

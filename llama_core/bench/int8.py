@@ -9,7 +9,8 @@ GEMM rows (``int8_matmul_rows``), per (M, K, N) with ``x [M, K] @ W[N, K]^T``:
   ``w8a8_linear``   what a W8A8 Int8Linear runs: outlier mask + per-token quantisation + the GEMM (threshold 6)
   ``w8a8_linear_t0`` the same with threshold 0: no outlier mask, the kernel without its outlier branch
   ``weight_only``   our weight-only int8 GEMM (activations stay bf16; split-K at decode sizes where chosen)
-  ``weight_only_plain`` the weight-only GEMM without split-K (at M <= 16, where split-K may be chosen)
+  ``w8a8_gemm_plain``, ``weight_only_plain``  the two GEMMs without split-K (at M <= 16, where split-K may be
+                    chosen: kernels/int8_split_k.py)
 TFLOP/s = 2 M N K / time; GB/s = bytes of the operands read and the output written / time.
 On CPU the int8 rows are PyTorch's own CPU paths (``torch._int_mm``, ``_weight_int8pack_mm``), not Triton.
 
@@ -70,9 +71,9 @@ def int8_matmul_rows(device: str, m_values: Sequence[int] = M_VALUES,
 def _gemm_calls(x: torch.Tensor, w: torch.Tensor, w_q: torch.Tensor,
                 w_s: torch.Tensor) -> dict[str, tuple[Callable[[], object], int]]:
     """name -> (call, bytes it must move) for ``x [M, K]`` against ``w [N, K]`` and its int8 form."""
-    from kernels import int8_weight_only
+    from kernels import int8_split_k, int8_weight_only
     from kernels._runtime import triton_runs_on
-    from kernels.int8_matmul import int8_linear, int8_matmul
+    from kernels.int8_matmul import _int8_matmul_triton, int8_linear, int8_matmul
     from kernels.int8_quant import quantize_rows
 
     (m, k), n, elt = x.shape, w.shape[0], x.element_size()
@@ -87,7 +88,9 @@ def _gemm_calls(x: torch.Tensor, w: torch.Tensor, w_q: torch.Tensor,
         "w8a8_linear_t0": (lambda: int8_linear(x, w_q, w_s, threshold=0.0), x_w8a8),
         "weight_only": (lambda: int8_weight_only.int8_weight_only_matmul(x, w_q, w_s), x_w8a8),
     }
-    if triton_runs_on(x) and m <= int8_weight_only.SPLIT_K_MAX_M:  # the plain kernel where split-K may be chosen
+    if triton_runs_on(x) and m <= int8_split_k.SPLIT_K_MAX_M:  # the plain kernels where split-K may be chosen
+        calls["w8a8_gemm_plain"] = (lambda: _int8_matmul_triton(a_q, a_s.float(), w_q, w_s.float(), None, None, None,
+                                                                x.dtype, split_k=1), calls["w8a8_gemm"][1])
         calls["weight_only_plain"] = (lambda: int8_weight_only._weight_only_triton(x, w_q, w_s, None, split_k=1),
                                       x_w8a8)
     return calls
