@@ -32,6 +32,8 @@ _MIN_K_PER_SPLIT = 512
 _SLICE_ALIGN = 256  # the largest BLOCK_K of the configs: every slice boundary is a multiple of each of them
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
 _REDUCE_BLOCK = 1024
+# Both GEMMs share the split kernel: its variant flags are part of the tuning key (as are the shapes).
+_AUTOTUNE_KEY = ("N", "K", "K_PER_SPLIT", "INT8_A", "HAS_OUTLIERS")
 
 
 def split_k_for(m: int, n: int, k: int, device: torch.device) -> int:
@@ -150,7 +152,7 @@ def _launch(a: Tensor, w_q: Tensor, a_scale: Tensor | None, w_scale: Tensor, bia
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]), split)
 
-    kernel, config = autotuned(_split_kernel, _decode_configs, ("N", "K", "K_PER_SPLIT"), _INTERPRETER_CONFIG)
+    kernel, config = autotuned(_split_kernel, _decode_configs, _AUTOTUNE_KEY, _INTERPRETER_CONFIG)
     kernel[grid](a, w_q, x if has_outliers else a, outlier_cols.to(torch.int8) if has_outliers else a,
                  p_int if p_int is not None else p_float, p_float if p_float is not None else p_int,
                  m, n, k, depth, a.stride(0), w_q.stride(0), x.stride(0) if has_outliers else 0,
