@@ -71,6 +71,30 @@ def test_targets_pass_miss_and_not_run():
     assert "NOT RUN" in got["W8A8 linear >= 1.5x cuBLAS bf16 at M >= 512"].line()
 
 
+def test_e2e_targets_read_the_bench_rows():
+    targets = _module("gpu_targets")
+
+    def decode(mode, impl="llama_core", **kw):
+        return {"kind": "e2e_decode", "preset": "llama3-8b", "batch": 1, "impl": impl, "mode": mode, **kw}
+
+    rows = [{"kind": "e2e_model", "preset": "llama3-8b", "layers": 8},
+            decode("compiled", tok_s=400.0, frac_copy_bw=0.8, gb_s=3000.0),
+            decode("int8-weight-only-compiled", tok_s=520.0),
+            decode("eager", vs_transformers=0.9),
+            {"kind": "e2e_prefill", "preset": "llama3-8b", "tokens": 2048, "impl": "llama_core", "mode": "compiled",
+             "tflops": 500.0, "vs_transformers": 1.3},
+            {"kind": "e2e_prefill", "preset": "llama3-8b", "tokens": 2048, "impl": "llama_core", "mode": "eager",
+             "tflops": 430.0, "vs_transformers": 1.1}]
+    got = {t.name.split(": ", 1)[1]: t for t in targets.e2e_targets(rows)}
+    assert all(t.name.startswith("llama3-8b (8 layers): ") for t in targets.e2e_targets(rows)[:-1])
+    assert got["compiled decode >= 75% of the bandwidth floor, batch 1"].status == "PASS"
+    int8 = got["int8 weight-only compiled decode >= 1.5x bf16 compiled, batch 1"]
+    assert (int8.status, int8.value) == ("MISS", pytest.approx(1.3))
+    assert got["eager decode >= transformers eager, batch 1"].status == "MISS"
+    prefill = got["prefill 2048 tokens >= 450 TFLOP/s"]
+    assert (prefill.status, prefill.value, prefill.detail) == ("PASS", 500.0, "compiled")  # the best mode
+
+
 def test_training_mfu_ignores_the_compiling_steps():
     targets = _module("gpu_targets")
     rows = [{"kind": "train_step", "mfu": m, "tokens_per_s": 1.0} for m in (0.9, 0.9, 0.3, 0.35)]
