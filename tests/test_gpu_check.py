@@ -85,7 +85,7 @@ def test_e2e_targets_read_the_bench_rows():
              "tflops": 500.0, "vs_transformers": 1.3},
             {"kind": "e2e_prefill", "preset": "llama3-8b", "tokens": 2048, "impl": "llama_core", "mode": "eager",
              "tflops": 430.0, "vs_transformers": 1.1}]
-    got = {t.name.split(": ", 1)[1]: t for t in targets.e2e_targets(rows)}
+    got = {t.name.removeprefix("llama3-8b (8 layers): "): t for t in targets.e2e_targets(rows)}
     assert all(t.name.startswith("llama3-8b (8 layers): ") for t in targets.e2e_targets(rows)[:-1])
     assert got["compiled decode >= 75% of the bandwidth floor, batch 1"].status == "PASS"
     int8 = got["int8 weight-only compiled decode >= 1.5x bf16 compiled, batch 1"]
