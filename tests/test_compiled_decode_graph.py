@@ -68,6 +68,7 @@ def _explain(args: tuple):
     return torch._dynamo.explain(decode_loop._decode_step)(*args)
 
 
+@pytest.mark.slow  # 2-7 s each on 2 busy cores: dynamo traces the whole model
 @pytest.mark.parametrize("variant", ["kernels-torch", "kernels-triton", "int8", "int8-weight-only", "padded"])
 def test_compiled_decode_step_is_one_graph_without_host_syncs(variant, monkeypatch):
     model = random_model(small_config(num_hidden_layers=2))

@@ -138,6 +138,7 @@ def test_junit_counts(tmp_path):
     assert (counts["passed"], counts["failed"], counts["skipped"], counts["failures"]) == (1, 1, 1, ["a::bad"])
 
 
+@pytest.mark.slow  # ~6 s: two stage processes started and stopped
 def test_overrunning_stages_are_stopped_and_outputs_still_written(tmp_path):
     # 12 s of budget, 10 s of it reserved for the outputs: each stage gets about a second, too little to
     # import torch, so each is stopped; the record and summary must still be there, the targets NOT RUN.
