@@ -1,4 +1,4 @@
-"""Fused Triton RMSNorm vs the eager reference vs torch.compile(reference), forward and forward+backward.
+"""Fused Triton RMSNorm vs the eager reference vs torch.compile(reference): forward, backward, forward+backward.
 
     python benchmarks/bench_rms_norm.py                      # CUDA: sweep hidden sizes and token counts
     python benchmarks/bench_rms_norm.py --dtype float16 --residual
@@ -74,8 +74,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         print("matplotlib not installed: no plot")
         return
     tokens = max(r["tokens"] for r in rows)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, mode in zip(axes, ("fwd", "fwd+bwd"), strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
+    for ax, mode in zip(axes, ("fwd", "bwd", "fwd+bwd"), strict=True):
         for impl in sorted({r["impl"] for r in rows}):
             sel = [r for r in rows if r["impl"] == impl and r["mode"] == mode and r["tokens"] == tokens]
             ax.plot([r["hidden"] for r in sel], [r["gbps"] for r in sel], marker="o", label=impl)

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ._runtime import HAS_TRITON, autotuned, interpreting, triton_runs_on
 from .int8_quant import quantize_rows
+from .int8_split_k import split_k_for, w8a8_split_k
 
 if HAS_TRITON:
     import triton
@@ -50,8 +51,10 @@ def _epilogue(acc: Tensor, a_scale: Tensor, w_scale: Tensor, float_part: Tensor 
 def int8_matmul_ref(a_q: Tensor, a_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None = None,
                     x: Tensor | None = None, outlier_cols: Tensor | None = None,
                     out_dtype: torch.dtype = torch.bfloat16) -> Tensor:
-    """The definition: an exact int64 integer matmul, then the fp32 epilogue (see the module docstring)."""
-    acc = a_q.long() @ w_q.long().t()  # exact; int64 so the reference cannot overflow
+    """The definition: an exact integer matmul, then the fp32 epilogue (see the module docstring)."""
+    # Exact in fp64: every product is an integer of magnitude <= 127^2 and every partial sum stays far below
+    # 2^53 (K < 5e11), so no rounding happens in any order. Not int64: CUDA has no int64 matmul.
+    acc = a_q.double() @ w_q.double().t()
     float_part = None
     if outlier_cols is not None:
         float_part = (x.float() * outlier_cols) @ w_q.float().t()
@@ -130,23 +133,43 @@ def _int8_matmul_kernel(
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _configs() -> list:
-    c = triton.Config
-    decode = [c(dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1), num_warps=4, num_stages=s)
-              for bn, bk, s in ((32, 256, 4), (64, 128, 5), (64, 256, 4), (128, 128, 4), (128, 256, 3))]
-    middle = [c(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8), num_warps=4, num_stages=4)
-              for bm, bn in ((32, 64), (64, 64), (64, 128))]
-    prefill = [c(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
-               for bm, bn, bk, w, s in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
-                                        (128, 128, 64, 4, 4), (64, 256, 128, 8, 3))]
-    return decode + middle + prefill
+def _decode_configs() -> list:
+    return [triton.Config(dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=1), num_warps=4, num_stages=s)
+            for bn, bk, s in ((32, 256, 4), (64, 128, 5), (64, 256, 4), (128, 128, 4), (128, 256, 3))]
+
+
+def _middle_configs() -> list:
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8), num_warps=4, num_stages=4)
+            for bm, bn in ((32, 64), (64, 64), (64, 128))]
+
+
+def _prefill_configs() -> list:
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8), num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ((128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                                     (128, 128, 64, 4, 4), (64, 256, 128, 8, 3))]
+
+
+def _small_configs() -> list:
+    return _decode_configs() + _middle_configs()
+
+
+def _large_configs() -> list:
+    return _middle_configs() + _prefill_configs()
+
+
+def _configs_for(m: int):
+    """Autotuning candidates pruned by M before any is timed: a 256-row tile for one decode row (or a 16-row
+    tile for 4096 rows) never wins, and each candidate costs a compilation and a timing per new shape."""
+    return _decode_configs if m <= 16 else _small_configs if m <= 64 else _large_configs
 
 
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 _AUTOTUNE_KEY = ("M_BUCKET", "N", "K", "HAS_OUTLIERS")
 
 
-def _int8_matmul_triton(a_q, a_scale, w_q, w_scale, bias, x, outlier_cols, out_dtype) -> Tensor:
+def _int8_matmul_triton(a_q, a_scale, w_q, w_scale, bias, x, outlier_cols, out_dtype,
+                        split_k: int | None = None) -> Tensor:
+    """``split_k``: K-slices (None: ``split_k_for`` decides, 1: this kernel; see kernels/int8_split_k.py)."""
     m, k = a_q.shape
     n = w_q.shape[0]
     a_q, w_q = a_q.contiguous(), w_q.contiguous()
@@ -156,7 +179,10 @@ def _int8_matmul_triton(a_q, a_scale, w_q, w_scale, bias, x, outlier_cols, out_d
     has_outliers = outlier_cols is not None
     if has_outliers and x.stride(-1) != 1:
         x = x.contiguous()
-    kernel, config = autotuned(_int8_matmul_kernel, _configs, _AUTOTUNE_KEY, _INTERPRETER_CONFIG)
+    split = split_k_for(m, n, k, a_q.device) if split_k is None else split_k
+    if split > 1:
+        return w8a8_split_k(a_q, a_scale, w_q, w_scale, bias, x, outlier_cols, out, split)
+    kernel, config = autotuned(_int8_matmul_kernel, _configs_for(m), _AUTOTUNE_KEY, _INTERPRETER_CONFIG)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)

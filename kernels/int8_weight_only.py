@@ -7,7 +7,8 @@ Public surface:
 ``out[m, n] = (sum_k x[m, k] w_q[n, k]) * w_scale[n] + bias[n]`` with fp32 accumulation, output in x's
 dtype. Decoding at small batch is bound by reading the weights; int8 halves those bytes against bf16 and
 the per-channel scale is applied once per output, after the K loop, so the inner loop is a plain
-dequantise-free ``dot(x, w.to(x.dtype))`` (int8 values are exact in bf16/fp16).
+dequantise-free ``dot(x, w.to(x.dtype))`` (int8 values are exact in bf16/fp16). At decode sizes the K loop
+may be split over programs (kernels/int8_split_k.py).
 
 Without Triton: ``torch.ops.aten._weight_int8pack_mm`` (PyTorch's own CPU weight-only kernel) for a few
 rows in half precision, else the weights converted to x's dtype and a BLAS matmul, scaled per output.
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ._runtime import HAS_TRITON, autotuned, interpreting, triton_runs_on
+from .int8_split_k import split_k_for, weight_only_split_k
 
 if HAS_TRITON:
     import triton
@@ -73,19 +75,46 @@ def _weight_only_kernel(
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _configs() -> list:
-    c = triton.Config
-    decode = [c(dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk), num_warps=4, num_stages=s)
-              for bn, bk, s in ((32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 3), (128, 128, 3))]
-    prefill = [c(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
-               for bm, bn, bk, w, s in ((64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3))]
-    return decode + prefill
+def _decode_configs() -> list:
+    return [triton.Config(dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk), num_warps=4, num_stages=s)
+            for bn, bk, s in ((32, 128, 4), (32, 256, 4), (64, 128, 4), (64, 256, 3), (128, 128, 3))]
+
+
+def _prefill_configs() -> list:
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ((64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3))]
+
+
+def _all_configs() -> list:
+    return _decode_configs() + _prefill_configs()
+
+
+def _configs_for(m: int):
+    """Autotuning candidates pruned by M (each costs a compilation and a timing per new shape): 16-row tiles
+    up to 16 rows, the large ones above 64, all between."""
+    return _decode_configs if m <= 16 else _prefill_configs if m > 64 else _all_configs
 
 
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
 
 
-def _weight_only_triton(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+def _launch_plain(x, w_q, w_scale, bias, out, m, n, k):
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+
+    kernel, config = autotuned(_weight_only_kernel, _configs_for(m), ("M_BUCKET", "N", "K"),
+                               _INTERPRETER_CONFIG)
+    kernel[grid](
+        x, w_q, w_scale.float().contiguous(), bias if bias is not None else w_scale, out,
+        m, n, k, min(triton.next_power_of_2(m), 4096), x.stride(0), w_q.stride(0), out.stride(0),
+        # Triton's interpreter multiplies bf16 tiles as raw bits; fp32 gives it the same exact products.
+        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32 or interpreting(),
+        **config)
+
+
+def _weight_only_triton(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None,
+                        split_k: int | None = None) -> Tensor:
+    """``split_k``: K-slices for the split-K path (None: :func:`split_k_for` decides; 1: the plain kernel)."""
     m, k = x.shape
     n = w_q.shape[0]
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -93,17 +122,11 @@ def _weight_only_triton(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | 
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
-
-    kernel, config = autotuned(_weight_only_kernel, _configs, ("M_BUCKET", "N", "K"), _INTERPRETER_CONFIG)
-    kernel[grid](
-        x, w_q, w_scale.float().contiguous(), bias if bias is not None else w_scale, out,
-        m, n, k, min(triton.next_power_of_2(m), 4096), x.stride(0), w_q.stride(0), out.stride(0),
-        # Triton's interpreter multiplies bf16 tiles as raw bits; fp32 gives it the same exact products.
-        HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32 or interpreting(),
-        **config)
+    split = split_k_for(m, n, k, x.device) if split_k is None else split_k
+    if split > 1:
+        weight_only_split_k(x, w_q, w_scale, bias, out, split)
+    else:
+        _launch_plain(x, w_q, w_scale, bias, out, m, n, k)
     return out
 
 

@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
 import pytest
 
 from kernels import int8_matmul as MM
+from kernels import int8_split_k as SK
 from kernels import int8_weight_only as WO
 from kernels._runtime import HAS_TRITON, interpreting
 from kernels.int8_quant import quantize_rows, quantize_rows_ref, quantize_weight
@@ -194,6 +195,76 @@ def test_weight_only_matches_reference(m, k, n, dtype, bias):
     assert got.dtype == dtype and got.shape == (m, n)
     atol = 2 * k * EPS32 * (x.float().abs() @ w_q.float().abs().t()) * w_s + EPS32 * ref.float().abs()
     assert_bound(got, ref, out_rtol(dtype) + EPS32, atol)
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k,n,bias", [(1, 600, 33, False), (16, 1030, 40, True)])  # K not a slice multiple
+def test_weight_only_split_k_matches_reference(m, k, n, bias, dtype, split):
+    """The decode path (K split over programs, slots summed in order by a second kernel): within the same
+    summation-order bound as the plain kernel, and bit-identical from one call to the next (no atomics)."""
+    torch.manual_seed(3)
+    x = activations(m, k, dtype)
+    w_q, w_s = int8_weight(n, k)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    got = WO._weight_only_triton(x, w_q, w_s, b, split_k=split)
+    ref = WO.int8_weight_only_matmul_ref(x, w_q, w_s, b)
+    atol = 2 * k * EPS32 * (x.float().abs() @ w_q.float().abs().t()) * w_s + EPS32 * ref.float().abs()
+    assert_bound(got, ref, out_rtol(dtype) + EPS32, atol)
+    assert torch.equal(got, WO._weight_only_triton(x, w_q, w_s, b, split_k=split))
+    if dtype == torch.float32:  # the plain kernel sums the same K-blocks in another grouping: close, not equal
+        plain = WO._weight_only_triton(x, w_q, w_s, b, split_k=1)
+        assert_bound(got, plain, 0.0, atol)
+
+
+@needs_triton
+def test_autotune_candidates_are_pruned_by_rows():
+    """Decode shapes tune only 16-row tiles and prefill shapes never do (each candidate costs a compilation and
+    a timing per new shape on the GPU)."""
+    for module in (MM, WO):
+        decode = {c.kwargs["BLOCK_M"] for c in module._configs_for(1)()}
+        prefill = {c.kwargs["BLOCK_M"] for c in module._configs_for(4096)()}
+        middle = {c.kwargs["BLOCK_M"] for c in module._configs_for(48)()}
+        assert decode == {16} and 16 not in prefill and max(prefill) >= 128
+        assert 16 in middle and len(middle) > 1  # between the two, both kinds are timed
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [2, 3])
+@pytest.mark.parametrize("m,k,n", [(1, 600, 33), (16, 1030, 40)])
+def test_w8a8_split_k_is_exact(m, k, n, split):
+    """int32 partial sums add up to the exact product: the split-K output equals the reference bit for bit
+    (fp32 out; bf16 within the interpreter's truncation), and with outliers and bias stays within the bound."""
+    torch.manual_seed(4)
+    a_q, a_s = quantize_rows(activations(m, k, torch.float32, outlier_cols=()))
+    w_q, w_s = int8_weight(n, k)
+    got = MM._int8_matmul_triton(a_q, a_s, w_q, w_s, None, None, None, torch.float32, split_k=split)
+    assert torch.equal(got, MM.int8_matmul_ref(a_q, a_s, w_q, w_s, out_dtype=torch.float32))
+    x = activations(m, k, torch.bfloat16, outlier_cols=(3, k - 1))
+    cols = (x.abs() > 6).any(0)
+    a_q, a_s = quantize_rows(x, cols)
+    b = torch.randn(n, device=DEVICE).to(torch.bfloat16)
+    got = MM._int8_matmul_triton(a_q, a_s, w_q, w_s, b, x, cols, torch.bfloat16, split_k=split)
+    ref = MM.int8_matmul_ref(a_q, a_s, w_q, w_s, b, x, cols, torch.bfloat16)
+    atol = float_part_bound(x, cols, w_q, w_s, k) + EPS32 * ref.float().abs()
+    assert_bound(got, ref, out_rtol(torch.bfloat16) + EPS32, atol)
+    assert torch.equal(got, MM._int8_matmul_triton(a_q, a_s, w_q, w_s, b, x, cols, torch.bfloat16, split_k=split))
+
+
+def test_split_k_is_chosen_for_decode_rows_only(monkeypatch):
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    cuda = torch.device("cuda")
+    assert SK.split_k_for(1, 4096, 4096, cuda) == 4  # 64 programs x 4 <= 2 waves of 132 SMs
+    assert SK.split_k_for(16, 4096, 14336, cuda) == 4
+    assert SK.split_k_for(1, 14336, 4096, cuda) == 1  # 224 programs already fill the device
+    assert SK.split_k_for(17, 4096, 4096, cuda) == 1  # above SPLIT_K_MAX_M
+    assert SK.split_k_for(1, 4096, 4096, torch.device("cpu")) == 1
+    monkeypatch.setattr(SK, "SPLIT_K_MAX_M", 0)  # how the GPU check measures the plain kernel at decode sizes
+    assert SK.split_k_for(1, 4096, 4096, cuda) == 1
 
 
 @pytest.mark.parametrize("rows", [3, 40], ids=["int8pack", "dequant-blas"])

@@ -7,7 +7,10 @@ GEMM rows (``int8_matmul_rows``), per (M, K, N) with ``x [M, K] @ W[N, K]^T``:
                     (skipped where its backend refuses the shape, e.g. CUDA M <= 16)
   ``w8a8_gemm``     our int8 GEMM with its fused scale epilogue, on pre-quantised activations
   ``w8a8_linear``   what a W8A8 Int8Linear runs: outlier mask + per-token quantisation + the GEMM (threshold 6)
-  ``weight_only``   our weight-only int8 GEMM (activations stay bf16)
+  ``w8a8_linear_t0`` the same with threshold 0: no outlier mask, the kernel without its outlier branch
+  ``weight_only``   our weight-only int8 GEMM (activations stay bf16; split-K at decode sizes where chosen)
+  ``w8a8_gemm_plain``, ``weight_only_plain``  the two GEMMs without split-K (at M <= 16, where split-K may be
+                    chosen: kernels/int8_split_k.py)
 TFLOP/s = 2 M N K / time; GB/s = bytes of the operands read and the output written / time.
 On CPU the int8 rows are PyTorch's own CPU paths (``torch._int_mm``, ``_weight_int8pack_mm``), not Triton.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,31 +71,44 @@ def int8_matmul_rows(device: str, m_values: Sequence[int] = M_VALUES,
 def _gemm_calls(x: torch.Tensor, w: torch.Tensor, w_q: torch.Tensor,
                 w_s: torch.Tensor) -> dict[str, tuple[Callable[[], object], int]]:
     """name -> (call, bytes it must move) for ``x [M, K]`` against ``w [N, K]`` and its int8 form."""
-    from kernels.int8_matmul import int8_linear, int8_matmul
+    from kernels import int8_split_k, int8_weight_only
+    from kernels._runtime import triton_runs_on
+    from kernels.int8_matmul import _int8_matmul_triton, int8_linear, int8_matmul
     from kernels.int8_quant import quantize_rows
-    from kernels.int8_weight_only import int8_weight_only_matmul
 
     (m, k), n, elt = x.shape, w.shape[0], x.element_size()
     a_q, a_s = quantize_rows(x)
     x_w8a8 = m * k * elt + n * k + 4 * n + m * n * elt  # bf16 x in, int8 W, scales, bf16 out
-    return {
+    calls = {
         "dense_matmul": (lambda: x @ w.t(), (m * k + n * k + m * n) * elt),
         "torch_int_mm": (lambda: torch._int_mm(a_q, w_q.t()), m * k + n * k + 4 * m * n),
         "w8a8_gemm": (lambda: int8_matmul(a_q, a_s, w_q, w_s, out_dtype=x.dtype), m * k + n * k + 4 * (m + n) + m * n * elt),
         "w8a8_linear": (lambda: int8_linear(x, w_q, w_s, threshold=6.0), x_w8a8),
-        "weight_only": (lambda: int8_weight_only_matmul(x, w_q, w_s), x_w8a8),
+        # threshold 0: pure W8A8, the kernel compiled without its outlier branch (what the branch costs)
+        "w8a8_linear_t0": (lambda: int8_linear(x, w_q, w_s, threshold=0.0), x_w8a8),
+        "weight_only": (lambda: int8_weight_only.int8_weight_only_matmul(x, w_q, w_s), x_w8a8),
     }
+    if triton_runs_on(x) and m <= int8_split_k.SPLIT_K_MAX_M:  # the plain kernels where split-K may be chosen
+        calls["w8a8_gemm_plain"] = (lambda: _int8_matmul_triton(a_q, a_s.float(), w_q, w_s.float(), None, None, None,
+                                                                x.dtype, split_k=1), calls["w8a8_gemm"][1])
+        calls["weight_only_plain"] = (lambda: int8_weight_only._weight_only_triton(x, w_q, w_s, None, split_k=1),
+                                      x_w8a8)
+    return calls
 
 
-def _decode_tokens_per_s(model: torch.nn.Module, new_tokens: int, device: str, compile: bool) -> float:
+def decode_tokens_per_s(model: torch.nn.Module, new_tokens: int, device: str, compile: bool,
+                        repeats: int = 1) -> float:
+    """Greedy batch-1 tokens/s of ``generate``, the median of ``repeats`` timed calls after a warm-up."""
     from ..generation import generate
+    from ..modeling.cache import StaticCache
 
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), device=device)
     kwargs: dict[str, Any] = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[])  # never stop
     if compile:
-        kwargs.update(cache="static", compile=True)
+        # one cache for every call: a CUDA-graphed step re-records when its cache buffers move
+        kwargs.update(cache=StaticCache(model.config, max_batch_size=1, max_cache_len=16 + new_tokens), compile=True)
     generate(model, prompt, **{**kwargs, "max_new_tokens": min(new_tokens, 8)})  # warm-up (and compile)
-    seconds = time_call(lambda: generate(model, prompt, **kwargs), device)
+    seconds = statistics.median(time_call(lambda: generate(model, prompt, **kwargs), device) for _ in range(repeats))
     return new_tokens / seconds  # eos_token_id=[]: every call produces exactly new_tokens
 
 
@@ -109,7 +126,7 @@ def int8_decode_rows(device: str, preset: str, dtype: str = "bfloat16", new_toke
     base = None
     for mode in (None, "int8", "int8-weight-only"):
         model = full if mode is None else quantize(copy.deepcopy(full), mode)
-        tps = _decode_tokens_per_s(model, new_tokens, device, compile)
+        tps = decode_tokens_per_s(model, new_tokens, device, compile)
         base = tps if mode is None else base
         row = dict(op="int8_decode", preset=preset, mode=mode or dtype, dtype=dtype, compile=compile,
                    new_tokens=new_tokens, tokens_per_s=tps, speedup_vs_full=tps / base,

@@ -36,7 +36,7 @@ def rms_norm_traffic(m: int, n: int, elt: int, residual: bool, backward: bool) -
 def rms_norm_rows(device: str, dtype: str = "bfloat16", hidden: Sequence[int] = (1024, 2048, 4096, 8192, 16384),
                   tokens: Sequence[int] = (4096, 16384), residual: bool = False, compile: bool = True,
                   repeats: int = 5, on_row: Callable[[Row], None] | None = None) -> list[Row]:
-    """Forward and forward+backward of the Triton RMSNorm vs eager and compiled references."""
+    """Forward, backward alone and forward+backward of the Triton RMSNorm vs eager and compiled references."""
     from kernels.rms_norm import rms_norm, rms_norm_ref
 
     dt = getattr(torch, dtype)
@@ -62,9 +62,17 @@ def rms_norm_rows(device: str, dtype: str = "bfloat16", hidden: Sequence[int] = 
                     out = f(x, w, eps, r)
                     torch.autograd.grad(out[0] if r is not None else out, inputs, dy)
 
-                for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                graph = f(x, w, eps, r)
+                graph = graph[0] if r is not None else graph
+
+                def bwd(graph=graph, inputs=inputs, dy=dy) -> None:  # the backward alone, on a recorded graph
+                    torch.autograd.grad(graph, inputs, dy, retain_graph=True)
+
+                for mode, fn in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
                     ms, p20, p80 = time_op(fn, device, repeats)
                     nbytes = rms_norm_traffic(m, n, dt.itemsize, residual, mode != "fwd")
+                    if mode == "bwd":  # its own traffic only: the forward's reads and writes are not in it
+                        nbytes -= rms_norm_traffic(m, n, dt.itemsize, residual, False)
                     row = dict(op="rms_norm", impl=name, mode=mode, tokens=m, hidden=n, dtype=dtype,
                                residual=residual, ms=ms, ms_p20=p20, ms_p80=p80, **_gbps(nbytes, ms, p20, p80))
                     rows.append(row)

@@ -39,7 +39,7 @@ def candidates(pair: ModelPair, settings: BenchSettings) -> dict[str, Callable[[
         fns[REFERENCE] = lambda ids: pair.theirs(ids, use_cache=False, logits_to_keep=1)
     for mode, runner in pair.llama_cpp.items():
         fns[f"{llamacpp.IMPL}/{mode}"] = lambda ids, runner=runner: runner.prefill(ids[0].tolist())
-    return fns
+    return settings.keep(fns)
 
 
 def ratio_fields(cmp: Any, name: str, reference: str, key: str) -> dict[str, Any]:

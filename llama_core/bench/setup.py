@@ -41,6 +41,13 @@ class BenchSettings:
     load: bool = True
     quick: bool = False
     seed: int = 0
+    # Only these prefill/decode candidates ("llama_core/compiled", "transformers/eager", ...; None: all that
+    # apply): a time-boxed run (the GPU check) drops the ones whose compilation it cannot afford.
+    only: list[str] | None = None
+
+    def keep(self, fns: dict[str, Any]) -> dict[str, Any]:
+        """``fns`` restricted to :attr:`only` (unchanged when it is None)."""
+        return fns if self.only is None else {k: v for k, v in fns.items() if k in self.only}
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.model is None):
