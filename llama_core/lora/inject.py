@@ -75,6 +75,8 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
         _replace(model, name, layer.merged_linear(dtype))
     if any(type(m) is Int8Linear for m in model.modules()):
         dequantize(model, dtype or torch.float32)
+    elif getattr(getattr(model, "config", None), "quantization_config", None):
+        model.config.quantization_config = None  # every int8 layer was an adapter's base: none is left
     model.lora_config = None
     return model
 

@@ -1,4 +1,4 @@
-"""Training checkpoints (sharded, through torch.distributed.checkpoint) and the final HF export.
+"""Training checkpoints (sharded, through torch.distributed.checkpoint) and the final HF (or LoRA) export.
 
 A checkpoint is a directory ``checkpoints/step_00000100/`` holding the DCP shards of the model and the
 optimizer (each rank writes its own part, any world size can read them back), ``rng/rank_NNNNN.pt``
@@ -43,9 +43,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from ..lora import LoraConfig, add_lora, merge_and_unload, save_adapter
 from ..model_io.atomic import find_no_space, no_space_names, raise_if_no_space, replace_directory
 from ..modeling.config import LlamaConfig
 from ..modeling.model import LlamaForCausalLM
+from ..quant import Int8Config, replace_linears
 from .distributed import Dist
 
 logger = logging.getLogger(__name__)
@@ -282,3 +284,32 @@ def export_hf(model: nn.Module, config: LlamaConfig, directory: str | os.PathLik
         out = plain.save_pretrained(directory, tokenizer=tokenizer)
     _barrier(d)
     return out
+
+
+def export_lora(model: nn.Module, config: LlamaConfig, lora: LoraConfig, out_dir: str | os.PathLike, d: Dist,
+                quantize_base: str | None = None, quantize_skip: tuple[str, ...] = (), merge: bool = False,
+                tokenizer: Any = None) -> tuple[Path | None, Path | None]:
+    """A LoRA run's outputs: the adapter in PEFT's format in ``out_dir/adapter``; with ``merge``, also the base
+    with the adapter folded in (dequantised if the base was int8) as a full-precision HF model in ``out_dir/hf``.
+
+    Collective (the full weights are gathered from every rank); returns ``(adapter_dir, hf_dir)`` on rank 0,
+    ``(None, None)`` elsewhere.
+    """
+    out_dir = Path(out_dir)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    adapter_dir = hf_dir = None
+    if d.is_main:
+        adapters = {k: v for k, v in full.items() if ".lora_A." in k or ".lora_B." in k}
+        adapter_dir = save_adapter(model, out_dir / "adapter", config=lora, state=adapters)
+        if merge:
+            with torch.device("meta"):
+                plain = LlamaForCausalLM(config.replace(dtype=None, quantization_config=None), init=False)
+            if quantize_base:  # the same module tree as the trained model, so the gathered names fit
+                replace_linears(plain, Int8Config(quantize_base, skip=quantize_skip))
+            add_lora(plain, lora)
+            plain.load_state_dict(full, assign=True)
+            plain.tie_weights()
+            plain.model.rotary_emb.reset_buffers("cpu")
+            hf_dir = merge_and_unload(plain, torch.float32).save_pretrained(out_dir / "hf", tokenizer=tokenizer)
+    _barrier(d)
+    return adapter_dir, hf_dir
