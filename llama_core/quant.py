@@ -153,8 +153,9 @@ class Int8Linear(nn.Module):
 
 class _WeightOnlyMatmul(torch.autograd.Function):
     """The weight-only int8 matmul, differentiable w.r.t. its input only (the int8 weight, its scales and the
-    bias are frozen buffers/parameters): ``dx = (dy * scale) @ w_int8``, in fp32, cast to x's dtype, which
-    is the gradient of the dequantised linear the forward computes."""
+    bias are frozen buffers/parameters): ``dx = (dy * scale) @ w_int8``, the gradient of the dequantised
+    linear the forward computes. In x's dtype, as autograd of a plain linear in that dtype would be (int8
+    values are exact in bf16/fp16), so a backward holds a 2-byte, not a 4-byte, copy of one weight at a time."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
@@ -167,8 +168,9 @@ class _WeightOnlyMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         w_q, w_scale = ctx.saved_tensors
-        dx = (grad.float() * w_scale) @ w_q.float()  # [..., N] * [N] @ [N, K] -> [..., K]
-        return dx.to(ctx.x_dtype), None, None, None
+        dtype = ctx.x_dtype
+        dx = (grad.float() * w_scale).to(dtype) @ w_q.to(dtype)  # [..., N] * [N] @ [N, K] -> [..., K]
+        return dx, None, None, None
 
 
 def _linears(model: nn.Module, kind: type) -> list[tuple[nn.Module, str, str]]:

@@ -73,6 +73,12 @@ def test_lora_resume_is_bit_identical(corpus, tmp_path):
     resumed = train(lora_config(corpus, tmp_path / "b", max_steps=4, resume=str(step2)))
     assert [log.step for log in resumed.logs] == [2, 3]
     assert resumed.losses == straight[2:]
+    for overrides, message in [(dict(lora_rank=0), r"LoRA adapters \(rank 4 on .*\) differ from this run's \(none\)"),
+                               (dict(lora_targets=["q_proj"]), r"differ from this run's \(rank 4 on q_proj\)"),
+                               (dict(quantize_base="int8-weight-only"), "its base is full precision, this run's is "
+                                                                        "int8-weight-only")]:
+        with pytest.raises(ValueError, match=message):
+            train(lora_config(corpus, tmp_path / "c", max_steps=4, resume=str(step2), **overrides), on_step=_never)
 
 
 @pytest.mark.slow

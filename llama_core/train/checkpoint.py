@@ -232,12 +232,36 @@ def check_same_shape(saved: dict[str, Any], config: LlamaConfig, path: str | os.
         raise ValueError(f"cannot resume from {path}: it holds a model of a different shape ({'; '.join(diff)})")
 
 
+def check_same_adapters(state: dict[str, Any], model: nn.Module, config: LlamaConfig,
+                        path: str | os.PathLike) -> None:
+    """A clear error when a checkpoint's LoRA adapters or int8 base differ from the model's (DCP would only
+    report the first missing tensor)."""
+    lora = getattr(getattr(model, "module", model), "lora_config", None)  # DDP wraps the model in .module
+    ours = (lora.r, sorted(lora.target_modules)) if lora is not None else None
+    train_config = state.get("train_config", {})
+    rank = train_config.get("lora_rank", 0)
+    theirs = (rank, sorted(train_config.get("lora_targets", []))) if rank else None
+    if ours != theirs:
+        raise ValueError(f"cannot resume from {path}: its LoRA adapters ({_describe(theirs)}) differ from this "
+                         f"run's ({_describe(ours)})")
+    saved_quant = (state.get("model_config", {}).get("quantization_config") or {}).get("mode")
+    our_quant = (config.quantization_config or {}).get("mode")
+    if saved_quant != our_quant:
+        raise ValueError(f"cannot resume from {path}: its base is {saved_quant or 'full precision'}, this run's is "
+                         f"{our_quant or 'full precision'} (--quantize-base)")
+
+
+def _describe(adapters: tuple[int, list[str]] | None) -> str:
+    return f"rank {adapters[0]} on {','.join(adapters[1])}" if adapters else "none"
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
                     config: LlamaConfig, d: Dist) -> dict[str, Any]:
     """Restore model, optimizer and this rank's RNG in place; returns the trainer state. Collective."""
     path = Path(path)
     state = read_trainer_state(path)
     check_same_shape(state["model_config"], config, path)
+    check_same_adapters(state, model, config, path)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
