@@ -14,6 +14,7 @@ from llama_core.cli import main as cli_main
 from llama_core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
 from llama_core.train import TrainConfig, train
 from llama_core.train.build import build_model, make_optimizer
+from llama_core.train.checkpoint import SafeCheckpointReader
 from tests.train_corpus import write_corpus, write_tokenizer
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -73,7 +74,12 @@ def test_lora_resume_is_bit_identical(corpus, tmp_path):
     resumed = train(lora_config(corpus, tmp_path / "b", max_steps=4, resume=str(step2)))
     assert [log.step for log in resumed.logs] == [2, 3]
     assert resumed.losses == straight[2:]
-    for overrides, message in [(dict(lora_rank=0), r"LoRA adapters \(rank 4 on .*\) differ from this run's \(none\)"),
+    # the checkpoint holds the adapters (and their AdamW state), not the frozen base
+    saved = SafeCheckpointReader(step2).read_metadata().state_dict_metadata
+    model_keys = [k for k in saved if k.startswith("model.")]
+    assert len(model_keys) == 2 * len(ALL) * 2 and all(".lora_" in k for k in model_keys)
+    for overrides, message in [(dict(seed=1), "holds only the adapters, so it resumes over the same base model "
+                                              r"\(seed: checkpoint 0, this run 1\)"),(dict(lora_rank=0), r"LoRA adapters \(rank 4 on .*\) differ from this run's \(none\)"),
                                (dict(lora_targets=["q_proj"]), r"differ from this run's \(rank 4 on q_proj\)"),
                                (dict(quantize_base="int8-weight-only"), "its base is full precision, this run's is "
                                                                         "int8-weight-only")]:

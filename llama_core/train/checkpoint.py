@@ -98,7 +98,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
             shutil.rmtree(stale, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     _barrier(d)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _training_state(model, optimizer)
     with _no_space_reported(tmp, final, d):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
@@ -232,11 +232,35 @@ def check_same_shape(saved: dict[str, Any], config: LlamaConfig, path: str | os.
         raise ValueError(f"cannot resume from {path}: it holds a model of a different shape ({'; '.join(diff)})")
 
 
-def check_same_adapters(state: dict[str, Any], model: nn.Module, config: LlamaConfig,
-                        path: str | os.PathLike) -> None:
+def _lora_of(model: nn.Module) -> Any:
+    """The LoRA config of a (possibly DDP-wrapped) model, or None."""
+    return getattr(getattr(model, "module", model), "lora_config", None)
+
+
+def _is_adapter_key(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state dicts to checkpoint. A LoRA run's model part is its adapters only: the
+    frozen base (of any size, int8 buffers included) is rebuilt from the run's model source on resume, which
+    ``check_same_adapters`` requires to be the same."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if _lora_of(model) is not None:
+        model_sd = {k: v for k, v in model_sd.items() if _is_adapter_key(k)}
+    return model_sd, optim_sd
+
+
+# What decides a LoRA run's frozen base: a checkpoint of adapters resumes only over the same one.
+_BASE_SOURCE_FIELDS = ("init_from", "preset", "model_config", "config_overrides")
+
+
+def check_same_adapters(state: dict[str, Any], model: nn.Module, config: LlamaConfig, path: str | os.PathLike,
+                        base_source: dict[str, Any] | None = None) -> None:
     """A clear error when a checkpoint's LoRA adapters or int8 base differ from the model's (DCP would only
-    report the first missing tensor)."""
-    lora = getattr(getattr(model, "module", model), "lora_config", None)  # DDP wraps the model in .module
+    report the first missing tensor), or, given this run's ``base_source`` (its TrainConfig as a dict), when
+    the adapters would resume over another base model."""
+    lora = _lora_of(model)
     ours = (lora.r, sorted(lora.target_modules)) if lora is not None else None
     train_config = state.get("train_config", {})
     rank = train_config.get("lora_rank", 0)
@@ -244,6 +268,13 @@ def check_same_adapters(state: dict[str, Any], model: nn.Module, config: LlamaCo
     if ours != theirs:
         raise ValueError(f"cannot resume from {path}: its LoRA adapters ({_describe(theirs)}) differ from this "
                          f"run's ({_describe(ours)})")
+    if lora is not None and base_source is not None:
+        fields = _BASE_SOURCE_FIELDS + (() if base_source.get("init_from") else ("seed",))  # random init: seeded
+        diff = [f"{k}: checkpoint {train_config.get(k)!r}, this run {base_source.get(k)!r}" for k in fields
+                if train_config.get(k) != base_source.get(k)]
+        if diff:
+            raise ValueError(f"cannot resume from {path}: a LoRA checkpoint holds only the adapters, so it resumes "
+                             f"over the same base model ({'; '.join(diff)})")
     saved_quant = (state.get("model_config", {}).get("quantization_config") or {}).get("mode")
     our_quant = (config.quantization_config or {}).get("mode")
     if saved_quant != our_quant:
@@ -256,17 +287,19 @@ def _describe(adapters: tuple[int, list[str]] | None) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: LlamaConfig, d: Dist) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG in place; returns the trainer state. Collective."""
+                    config: LlamaConfig, d: Dist, base_source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG in place; returns the trainer state. Collective.
+    ``base_source``: this run's TrainConfig as a dict, to check a LoRA checkpoint resumes over its own base."""
     path = Path(path)
     state = read_trainer_state(path)
     check_same_shape(state["model_config"], config, path)
-    check_same_adapters(state, model, config, path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    check_same_adapters(state, model, config, path, base_source)
+    model_sd, optim_sd = _training_state(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         _load_safely({"model": model_sd, "optim": optim_sd}, path, d)
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(strict=not _lora_of(model)))
     rng_file = path / "rng" / f"rank_{d.rank:05d}.pt"
     if state.get("world_size") == d.world and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True), d.device)

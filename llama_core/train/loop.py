@@ -139,7 +139,7 @@ def _run(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None) -> TrainRe
     optimizer = make_optimizer(runner, cfg)
     step, consumed = 0, 0
     if resume is not None:
-        state = load_checkpoint(resume, runner, optimizer, model.config, d)
+        state = load_checkpoint(resume, runner, optimizer, model.config, d, base_source=cfg.to_dict())
         step, consumed = state["step"], state["consumed_windows"]
         if state["train_config"]["seq_len"] != cfg.seq_len:
             logger.warning("seq_len changed from %d to %d: the data order continues, but not exactly",
