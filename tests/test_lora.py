@@ -172,6 +172,20 @@ def test_int8_weight_only_base_trains():
     torch.testing.assert_close(logits(model), adapted, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_weight_only_input_gradient_is_the_dequantised_linears(dtype):
+    layer = Int8Linear.from_linear(nn.Linear(48, 40, bias=True), "int8-weight-only")
+    x = torch.randn(3, 5, 48, dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 5, 40, dtype=dtype)
+    layer(x).backward(grad)
+    ref_x = x.detach().clone().requires_grad_()
+    nn.functional.linear(ref_x, layer.dequantized_weight(dtype), layer.bias.to(dtype)).backward(grad)
+    assert x.grad.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(x.grad, ref_x.grad, **tol)
+    assert layer.weight.grad is None and not layer.bias.requires_grad  # frozen
+
+
 def test_w8a8_base_is_refused():
     model = random_model(small_config())
     quantize(model, "int8")

@@ -58,10 +58,11 @@ def add_training_lora(model: LlamaForCausalLM, cfg: TrainConfig) -> None:
     The adapters' random init comes from the same seeded generator on every rank."""
     if cfg.quantize_base:
         quantize(model, cfg.quantize_base, skip=QUANTIZE_BASE_SKIP)
-    names = add_lora(model, lora_config(cfg))
+    config = lora_config(cfg)
+    names = add_lora(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("LoRA r=%d on %d linears (%s): %s trainable of %s parameters%s", cfg.lora_rank, len(names),
-                ",".join(lora_config(cfg).target_modules), f"{trainable:,}",
+                ",".join(config.target_modules), f"{trainable:,}",
                 f"{sum(p.numel() for p in model.parameters()):,}",
                 f", base in {cfg.quantize_base}" if cfg.quantize_base else "")
 
