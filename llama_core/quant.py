@@ -91,7 +91,9 @@ class Int8Config:
 
 class Int8Linear(nn.Module):
     """A linear layer with int8 weights ``[out, in]`` and fp32 per-output-channel scales (buffers, so they
-    are saved and moved with the model but never trained). Output dtype = input dtype. Inference only."""
+    are saved and moved with the model but never trained). Output dtype = input dtype. The weights are
+    frozen; the weight-only mode passes gradients to its input (a frozen base under LoRA adapters, QLoRA
+    style), the W8A8 mode is inference only."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, mode: str = "int8",
                  threshold: float = DEFAULT_THRESHOLD, device: Any = None, dtype: torch.dtype | None = None):
@@ -126,6 +128,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.mode == "int8-weight-only":
+            if torch.is_grad_enabled() and x.requires_grad:
+                return _WeightOnlyMatmul.apply(x, self.weight, self.weight_scale, self.bias)
             from kernels.int8_weight_only import int8_weight_only_matmul
 
             return int8_weight_only_matmul(x, self.weight, self.weight_scale, self.bias)
@@ -145,6 +149,28 @@ class Int8Linear(nn.Module):
         extra = f", threshold={self.threshold}" if self.mode == "int8" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, mode={self.mode}{extra}")
+
+
+class _WeightOnlyMatmul(torch.autograd.Function):
+    """The weight-only int8 matmul, differentiable w.r.t. its input only (the int8 weight, its scales and the
+    bias are frozen buffers/parameters): ``dx = (dy * scale) @ w_int8``, the gradient of the dequantised
+    linear the forward computes. In x's dtype, as autograd of a plain linear in that dtype would be (int8
+    values are exact in bf16/fp16), so a backward holds a 2-byte, not a 4-byte, copy of one weight at a time."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
+        from kernels.int8_weight_only import int8_weight_only_matmul
+
+        ctx.save_for_backward(w_q, w_scale)
+        ctx.x_dtype = x.dtype
+        return int8_weight_only_matmul(x, w_q, w_scale, bias)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w_q, w_scale = ctx.saved_tensors
+        dtype = ctx.x_dtype
+        dx = (grad.float() * w_scale).to(dtype) @ w_q.to(dtype)  # [..., N] * [N] @ [N, K] -> [..., K]
+        return dx, None, None, None
 
 
 def _linears(model: nn.Module, kind: type) -> list[tuple[nn.Module, str, str]]:

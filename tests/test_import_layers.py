@@ -39,6 +39,7 @@ LAYERS = (
     "llama_core.tokenizer",
     "checkpoints_convert",  # Meta / llama2.c / HF formats, built on model_io's readers and writers (and on
     # the tokenizer, so that conversions can carry a model's vocabulary between formats)
+    "llama_core.lora",  # LoRA adapters on the model's linears and PEFT's adapter files (on quant and model_io)
     "llama_core.generation",
     "llama_core.train",
     "llama_core.bench",

@@ -25,6 +25,13 @@ def _override(text: str) -> tuple[str, object]:
         return key, value  # a bare string
 
 
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated module names, e.g. q_proj,v_proj")
+    return names
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig(data="", output_dir="")
     data = p.add_argument_group("data")
@@ -72,13 +79,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        "tokens, never building them; same loss, a fraction of the memory)")
     speed.add_argument("--device", default=d.device, help="auto = cuda if available")
     speed.add_argument("--peak-tflops", type=float, help="per-device bf16 peak for MFU (default: known GPUs)")
+    lora = p.add_argument_group("LoRA (adapters on a frozen base; exported in PEFT's format to OUTPUT_DIR/adapter)")
+    lora.add_argument("--lora-rank", type=int, default=d.lora_rank, help="adapter rank; 0 (default) trains every weight")
+    lora.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="updates are scaled by alpha / rank")
+    lora.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    lora.add_argument("--lora-targets", type=_names, default=d.lora_targets, metavar="NAMES",
+                      help="comma-separated linears: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj "
+                      f"(default {','.join(d.lora_targets)})")
+    lora.add_argument("--use-rslora", action="store_true", help="scale by alpha / sqrt(rank) (rank-stabilised)")
+    lora.add_argument("--quantize-base", choices=["int8-weight-only"],
+                      help="keep the frozen base in int8 (QLoRA-style; lm_head stays full precision)")
+    lora.add_argument("--merge-lora", action="store_true",
+                      help="also export the base with the adapter merged in to OUTPUT_DIR/hf (full precision)")
     out = p.add_argument_group("checkpoints and logging")
     out.add_argument("--output-dir", required=True)
     out.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps; 0 = only at the end")
     out.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     out.add_argument("--resume", help="'auto' (latest checkpoint in --output-dir, if any) or a checkpoint directory")
     out.add_argument("--no-export-hf", dest="export_hf", action="store_false",
-                     help="skip the final save_pretrained into OUTPUT_DIR/hf")
+                     help="skip the final save_pretrained into OUTPUT_DIR/hf (LoRA runs: the adapter export)")
     out.add_argument("--log-every", type=int, default=10)
     out.add_argument("--no-progress", dest="progress", action="store_false")
 
@@ -105,8 +124,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if rank0 and result.logs:
         first, last = result.logs[0], result.logs[-1]
         logging.getLogger("llama_core.train").info(
-            "done: loss %.4f (step %d) -> %.4f (step %d); checkpoint %s%s", first.loss, first.step, last.loss,
-            last.step, result.checkpoint, f"; model {result.hf_dir}" if result.hf_dir else "")
+            "done: loss %.4f (step %d) -> %.4f (step %d); checkpoint %s%s%s", first.loss, first.step, last.loss,
+            last.step, result.checkpoint, f"; adapter {result.adapter_dir}" if result.adapter_dir else "",
+            f"; model {result.hf_dir}" if result.hf_dir else "")
     return 0
 
 
@@ -115,6 +135,8 @@ EXAMPLES = """examples:
   llama-core train --init-from SmolLM2-135M-Instruct.Q4_1.gguf --data corpus/ --output-dir run/ --max-steps 200
   llama-core train --init-from SmolLM2-135M-Instruct.Q4_1.gguf --data chat.jsonl --format chat --output-dir run/
   torchrun --nproc-per-node 8 -m llama_core.cli train ...        (several GPUs: FSDP2 by default)
+  llama-core train --init-from SmolLM2-135M/ --data corpus/ --output-dir run/ --lora-rank 16 --lora-alpha 32
+      --lora-targets q_proj,v_proj --quantize-base int8-weight-only --merge-lora   (LoRA on an int8 base)
 """
 
 

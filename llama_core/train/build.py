@@ -8,8 +8,10 @@ import logging
 import torch
 from torch import nn
 
+from ..lora import LoraConfig, add_lora
 from ..modeling.config import LlamaConfig
 from ..modeling.model import LlamaForCausalLM
+from ..quant import quantize
 from ..tokenizer import Tokenizer
 from .config import TrainConfig
 from .distributed import Dist, ddp_model, device_mesh, fully_shard_model, tensor_parallel
@@ -35,7 +37,34 @@ def build_model(cfg: TrainConfig) -> LlamaForCausalLM:
         config = (LlamaConfig.from_preset(cfg.preset, **overrides) if cfg.preset
                   else LlamaConfig.from_json_file(cfg.model_config).replace(**overrides))
         model = LlamaForCausalLM(config)
+    if cfg.lora_rank:
+        add_training_lora(model, cfg)
     return model.train()
+
+
+def lora_config(cfg: TrainConfig) -> LoraConfig:
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=tuple(cfg.lora_targets), use_rslora=cfg.use_rslora,
+                      base_model_name_or_path=cfg.init_from or cfg.model_config or cfg.preset)
+
+
+# lm_head stays in full precision under an int8 base: the fused loss reads its weight directly, and its logits
+# are the most quantisation-sensitive product (QLoRA keeps it unquantised too).
+QUANTIZE_BASE_SKIP = ("lm_head",)
+
+
+def add_training_lora(model: LlamaForCausalLM, cfg: TrainConfig) -> None:
+    """Quantise the base if asked, then wrap the targeted linears in adapters; everything else is frozen.
+    The adapters' random init comes from the same seeded generator on every rank."""
+    if cfg.quantize_base:
+        quantize(model, cfg.quantize_base, skip=QUANTIZE_BASE_SKIP)
+    config = lora_config(cfg)
+    names = add_lora(model, config)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("LoRA r=%d on %d linears (%s): %s trainable of %s parameters%s", cfg.lora_rank, len(names),
+                ",".join(config.target_modules), f"{trainable:,}",
+                f"{sum(p.numel() for p in model.parameters()):,}",
+                f", base in {cfg.quantize_base}" if cfg.quantize_base else "")
 
 
 def check_model_fits(model: LlamaForCausalLM, cfg: TrainConfig, tokenizer: Tokenizer) -> None:

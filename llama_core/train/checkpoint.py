@@ -1,4 +1,4 @@
-"""Training checkpoints (sharded, through torch.distributed.checkpoint) and the final HF export.
+"""Training checkpoints (sharded, through torch.distributed.checkpoint) and the final HF (or LoRA) export.
 
 A checkpoint is a directory ``checkpoints/step_00000100/`` holding the DCP shards of the model and the
 optimizer (each rank writes its own part, any world size can read them back), ``rng/rank_NNNNN.pt``
@@ -43,9 +43,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from ..lora import LoraConfig, add_lora, merge_and_unload, save_adapter
 from ..model_io.atomic import find_no_space, no_space_names, raise_if_no_space, replace_directory
 from ..modeling.config import LlamaConfig
 from ..modeling.model import LlamaForCausalLM
+from ..quant import Int8Config, replace_linears
 from .distributed import Dist
 
 logger = logging.getLogger(__name__)
@@ -96,7 +98,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: nn.Module, optimi
             shutil.rmtree(stale, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     _barrier(d)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _training_state(model, optimizer)
     with _no_space_reported(tmp, final, d):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # one process: intended
@@ -230,17 +232,74 @@ def check_same_shape(saved: dict[str, Any], config: LlamaConfig, path: str | os.
         raise ValueError(f"cannot resume from {path}: it holds a model of a different shape ({'; '.join(diff)})")
 
 
+def _lora_of(model: nn.Module) -> Any:
+    """The LoRA config of a (possibly DDP-wrapped) model, or None."""
+    return getattr(getattr(model, "module", model), "lora_config", None)
+
+
+def _is_adapter_key(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state dicts to checkpoint. A LoRA run's model part is its adapters only: the
+    frozen base (of any size, int8 buffers included) is rebuilt from the run's model source on resume, which
+    ``check_same_adapters`` requires to be the same."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    if _lora_of(model) is not None:
+        model_sd = {k: v for k, v in model_sd.items() if _is_adapter_key(k)}
+    return model_sd, optim_sd
+
+
+# What decides a LoRA run's frozen base: a checkpoint of adapters resumes only over the same one.
+_BASE_SOURCE_FIELDS = ("init_from", "preset", "model_config", "config_overrides")
+
+
+def check_same_adapters(state: dict[str, Any], model: nn.Module, config: LlamaConfig, path: str | os.PathLike,
+                        base_source: dict[str, Any] | None = None) -> None:
+    """A clear error when a checkpoint's LoRA adapters or int8 base differ from the model's (DCP would only
+    report the first missing tensor), or, given this run's ``base_source`` (its TrainConfig as a dict), when
+    the adapters would resume over another base model."""
+    lora = _lora_of(model)
+    ours = (lora.r, sorted(lora.target_modules)) if lora is not None else None
+    train_config = state.get("train_config", {})
+    rank = train_config.get("lora_rank", 0)
+    theirs = (rank, sorted(train_config.get("lora_targets", []))) if rank else None
+    if ours != theirs:
+        raise ValueError(f"cannot resume from {path}: its LoRA adapters ({_describe(theirs)}) differ from this "
+                         f"run's ({_describe(ours)})")
+    if lora is not None and base_source is not None:
+        fields = _BASE_SOURCE_FIELDS + (() if base_source.get("init_from") else ("seed",))  # random init: seeded
+        diff = [f"{k}: checkpoint {train_config.get(k)!r}, this run {base_source.get(k)!r}" for k in fields
+                if train_config.get(k) != base_source.get(k)]
+        if diff:
+            raise ValueError(f"cannot resume from {path}: a LoRA checkpoint holds only the adapters, so it resumes "
+                             f"over the same base model ({'; '.join(diff)})")
+    saved_quant = (state.get("model_config", {}).get("quantization_config") or {}).get("mode")
+    our_quant = (config.quantization_config or {}).get("mode")
+    if saved_quant != our_quant:
+        raise ValueError(f"cannot resume from {path}: its base is {saved_quant or 'full precision'}, this run's is "
+                         f"{our_quant or 'full precision'} (--quantize-base)")
+
+
+def _describe(adapters: tuple[int, list[str]] | None) -> str:
+    return f"rank {adapters[0]} on {','.join(adapters[1])}" if adapters else "none"
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: LlamaConfig, d: Dist) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG in place; returns the trainer state. Collective."""
+                    config: LlamaConfig, d: Dist, base_source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore model, optimizer and this rank's RNG in place; returns the trainer state. Collective.
+    ``base_source``: this run's TrainConfig as a dict, to check a LoRA checkpoint resumes over its own base."""
     path = Path(path)
     state = read_trainer_state(path)
     check_same_shape(state["model_config"], config, path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    check_same_adapters(state, model, config, path, base_source)
+    model_sd, optim_sd = _training_state(model, optimizer)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         _load_safely({"model": model_sd, "optim": optim_sd}, path, d)
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=StateDictOptions(strict=not _lora_of(model)))
     rng_file = path / "rng" / f"rank_{d.rank:05d}.pt"
     if state.get("world_size") == d.world and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True), d.device)
@@ -282,3 +341,32 @@ def export_hf(model: nn.Module, config: LlamaConfig, directory: str | os.PathLik
         out = plain.save_pretrained(directory, tokenizer=tokenizer)
     _barrier(d)
     return out
+
+
+def export_lora(model: nn.Module, config: LlamaConfig, lora: LoraConfig, out_dir: str | os.PathLike, d: Dist,
+                quantize_base: str | None = None, quantize_skip: tuple[str, ...] = (), merge: bool = False,
+                tokenizer: Any = None) -> tuple[Path | None, Path | None]:
+    """A LoRA run's outputs: the adapter in PEFT's format in ``out_dir/adapter``; with ``merge``, also the base
+    with the adapter folded in (dequantised if the base was int8) as a full-precision HF model in ``out_dir/hf``.
+
+    Collective (the full weights are gathered from every rank); returns ``(adapter_dir, hf_dir)`` on rank 0,
+    ``(None, None)`` elsewhere.
+    """
+    out_dir = Path(out_dir)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    adapter_dir = hf_dir = None
+    if d.is_main:
+        adapters = {k: v for k, v in full.items() if ".lora_A." in k or ".lora_B." in k}
+        adapter_dir = save_adapter(model, out_dir / "adapter", config=lora, state=adapters)
+        if merge:
+            with torch.device("meta"):
+                plain = LlamaForCausalLM(config.replace(dtype=None, quantization_config=None), init=False)
+            if quantize_base:  # the same module tree as the trained model, so the gathered names fit
+                replace_linears(plain, Int8Config(quantize_base, skip=quantize_skip))
+            add_lora(plain, lora)
+            plain.load_state_dict(full, assign=True)
+            plain.tie_weights()
+            plain.model.rotary_emb.reset_buffers("cpu")
+            hf_dir = merge_and_unload(plain, torch.float32).save_pretrained(out_dir / "hf", tokenizer=tokenizer)
+    _barrier(d)
+    return adapter_dir, hf_dir

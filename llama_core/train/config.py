@@ -57,6 +57,17 @@ class TrainConfig:
     fused_loss: bool = True  # the loss in chunks of tokens, never the full [tokens, vocab] logits (same values)
     device: str = "auto"
 
+    # LoRA: train low-rank adapters on a frozen base instead of every weight (lora_rank 0: full training).
+    # The adapter is exported in PEFT's format to output_dir/adapter; merge_lora also writes the base with the
+    # adapter folded in to output_dir/hf (an unmerged LoRA run exports no hf/: its base is the input model).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the adapter's update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # HF linear names
+    use_rslora: bool = False  # scale by lora_alpha / sqrt(lora_rank) (rank-stabilised LoRA)
+    quantize_base: str | None = None  # "int8-weight-only": keep the frozen base in int8 (QLoRA-style)
+    merge_lora: bool = False
+
     # Checkpoints and logging.
     checkpoint_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
@@ -88,6 +99,27 @@ class TrainConfig:
             raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
         if self.tokenizer is None and self.init_from is None:
             raise ValueError("a model built from a preset or config.json needs --tokenizer")
+        self.check_lora()
+
+    def check_lora(self) -> None:
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 trains every weight), got {self.lora_rank}")
+        if not self.lora_rank:
+            for name in ("quantize_base", "merge_lora"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} applies to LoRA runs only: set --lora-rank")
+            return
+        if self.quantize_base not in (None, "int8-weight-only"):
+            raise ValueError(f"quantize_base must be 'int8-weight-only' (the frozen base in int8), got "
+                             f"{self.quantize_base!r}")
+        if self.parallel == "tp":
+            raise ValueError("LoRA under tensor parallelism is not supported: use --parallel fsdp or ddp")
+        # Lazy import: LoraConfig checks rank, alpha, dropout and target names; importing it loads torch, which
+        # building the CLI's flags from this module must not.
+        from ..lora.config import LoraConfig
+
+        LoraConfig(r=self.lora_rank, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                   target_modules=tuple(self.lora_targets), use_rslora=self.use_rslora)
 
     def accumulation_steps(self, dp_world: int) -> int:
         """Micro-batches per rank per optimizer step; the global batch must split evenly."""

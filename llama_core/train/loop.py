@@ -29,10 +29,12 @@ from tqdm.auto import tqdm
 from ..model_io.atomic import exclusive_directory
 from ..tokenizer import Tokenizer
 from .build import (
+    QUANTIZE_BASE_SKIP,
     build_model,
     check_model_fits,
     compute_dtype,
     load_tokenizer,
+    lora_config,
     make_optimizer,
     parallelize,
     uses_autocast,
@@ -41,6 +43,7 @@ from .chat_data import load_chat_stream, resolve_data_format
 from .checkpoint import (
     check_same_shape,
     export_hf,
+    export_lora,
     list_checkpoints,
     load_checkpoint,
     read_trainer_state,
@@ -71,6 +74,7 @@ class TrainResult:
     logs: list[StepLog] = field(default_factory=list)  # the steps run by this call (not those resumed past)
     checkpoint: Path | None = None
     hf_dir: Path | None = None
+    adapter_dir: Path | None = None  # LoRA runs: the adapter in PEFT's format
 
     @property
     def losses(self) -> list[float]:
@@ -146,7 +150,7 @@ def _run(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None) -> TrainRe
     optimizer = make_optimizer(runner, cfg)
     step, consumed = 0, 0
     if resume is not None:
-        state = load_checkpoint(resume, runner, optimizer, model.config, d)
+        state = load_checkpoint(resume, runner, optimizer, model.config, d, base_source=cfg.to_dict())
         step, consumed = state["step"], state["consumed_windows"]
         if state["train_config"]["seq_len"] != cfg.seq_len:
             logger.warning("seq_len changed from %d to %d: the data order continues, but not exactly",
@@ -210,7 +214,11 @@ def _run(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None) -> TrainRe
     saved = list_checkpoints(out_dir / "checkpoints")
     done = next((p for p in saved if p.name == f"step_{step:08d}"), None)
     result.checkpoint = done or _save(out_dir, step, consumed, runner, optimizer, model, cfg, d)
-    if cfg.export_hf:
+    if cfg.export_hf and cfg.lora_rank:
+        result.adapter_dir, result.hf_dir = export_lora(
+            runner, model.config, lora_config(cfg), out_dir, d, cfg.quantize_base, QUANTIZE_BASE_SKIP,
+            cfg.merge_lora, tokenizer=tokenizer)
+    elif cfg.export_hf:
         # the tokenizer beside the exported weights, so the export is usable on its own
         result.hf_dir = export_hf(runner, model.config, out_dir / "hf", d, tokenizer=tokenizer)
     return result
