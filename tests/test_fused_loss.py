@@ -130,14 +130,22 @@ def test_clear_errors():
         model(ids, labels=bad, skip_logits=True)
 
 
-def test_quantised_lm_head_is_a_clear_error():
+def test_weight_only_int8_head_gives_the_plain_path_loss_and_w8a8_is_a_clear_error():
+    """Fine-tuning adapters on an int8 checkpoint: the frozen int8 head is read dequantised, as its forward does."""
     from llama_core.quant import quantize
 
     model = quantize(random_model(), "int8-weight-only")
     ids, labels = _ids_and_labels()
-    assert model(ids, labels=labels).loss.isfinite()  # the plain path still works
-    with pytest.raises(TypeError, match=r"lm_head is Int8Linear \(int8-weight-only\): pass skip_logits=False"):
-        model(ids, labels=labels, skip_logits=True)
+    embeds = model.model.embed_tokens(ids).detach().requires_grad_()
+    plain = model(inputs_embeds=embeds, labels=labels).loss
+    (plain_grad,) = torch.autograd.grad(plain, embeds)
+    fused = model(inputs_embeds=embeds, labels=labels, skip_logits=True).loss
+    (fused_grad,) = torch.autograd.grad(fused, embeds)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_grad, plain_grad, rtol=1e-4, atol=1e-7)
+    w8a8 = quantize(random_model(), "int8", skip=())
+    with pytest.raises(TypeError, match=r"lm_head is Int8Linear \(int8\): pass skip_logits=False"):
+        w8a8(ids, labels=labels, skip_logits=True)
 
 
 class _LargestAllocation(TorchDispatchMode):

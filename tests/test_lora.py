@@ -130,6 +130,9 @@ def test_merge_and_unmerge_give_the_adapter_logits(transformers_module, tmp_path
         torch.testing.assert_close(model.state_dict()[k], v, atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(model), adapted, atol=1e-5, rtol=0)
 
+    with pytest.raises(ValueError, match=r"unmerged LoRA adapters .*merge_and_unload"):
+        model.save_pretrained(tmp_path / "unmerged")  # base_layer./lora_A. names no loader reads
+    assert not (tmp_path / "unmerged").exists()
     merge_and_unload(model)  # plain linears: saves as an HF checkpoint transformers reads
     assert not lora_layers(model) and all(type(m) is not LoraLinear for m in model.modules())
     model.save_pretrained(tmp_path / "merged")

@@ -48,6 +48,11 @@ def state_dict_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if model.config.tie_word_embeddings and "lm_head.weight" in state and type(head) is not Int8Linear:
         state.pop("lm_head.weight")
+    adapters = [k for k in state if ".lora_A." in k or ".base_layer." in k]
+    if adapters:  # names transformers cannot read; llama_core.lora writes adapters in PEFT's own files
+        raise ValueError(f"the model holds unmerged LoRA adapters ({adapters[0]}, ...): save them with "
+                         f"llama_core.lora.save_adapter, or fold them in with llama_core.lora.merge_and_unload "
+                         f"before save_pretrained")
     meta = [k for k, t in state.items() if t.is_meta]
     if meta:
         raise ValueError(f"cannot save tensors on the meta device (never loaded): {', '.join(meta[:5])}")

@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ..quant import Int8Linear
+
 IGNORE_INDEX = -100
 # Fewest tokens per chunk. Every chunk adds a rank-``chunk`` update to the whole [vocab, hidden] weight
 # gradient, so a thin chunk is bound by reading and writing that gradient, not by its FLOPs: measured on a
@@ -148,14 +150,23 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 def lm_head_loss(lm_head: nn.Module, hidden: Tensor, targets: Tensor, ignore_index: int = IGNORE_INDEX,
                  num_items_in_batch: Tensor | int | None = None, chunk_size: int | None = None) -> Tensor:
-    """The fused loss of ``lm_head(hidden)`` against aligned ``targets``; the head must be a plain linear layer."""
-    if not isinstance(lm_head, nn.Linear):
-        mode = getattr(lm_head, "mode", None)
-        raise TypeError(f"skip_logits=True (the chunked loss) needs lm_head to be an nn.Linear; this model's "
-                        f"lm_head is {type(lm_head).__name__}{f' ({mode})' if mode else ''}: pass "
-                        f"skip_logits=False to compute the loss from the full logits")
-    if lm_head.bias is not None:
+    """The fused loss of ``lm_head(hidden)`` against aligned ``targets``. The head is a plain linear layer, or
+    a frozen weight-only int8 one (fine-tuning adapters on an int8 checkpoint), read as the weight its own
+    forward multiplies by: dequantised to the activations' dtype."""
+    weight = _head_weight(lm_head, hidden.dtype)
+    return fused_linear_cross_entropy(hidden.to(weight.device), weight, targets, ignore_index, num_items_in_batch,
+                                      chunk_size)
+
+
+def _head_weight(lm_head: nn.Module, dtype: torch.dtype) -> Tensor:
+    if getattr(lm_head, "bias", None) is not None:
         raise TypeError("skip_logits=True (the chunked loss) supports an lm_head without bias, as Llama's; "
                         "pass skip_logits=False for this model")
-    return fused_linear_cross_entropy(hidden.to(lm_head.weight.device), lm_head.weight, targets, ignore_index,
-                                      num_items_in_batch, chunk_size)
+    if isinstance(lm_head, nn.Linear):
+        return lm_head.weight
+    if isinstance(lm_head, Int8Linear) and lm_head.mode == "int8-weight-only":
+        return lm_head.dequantized_weight(dtype)
+    mode = getattr(lm_head, "mode", None)
+    raise TypeError(f"skip_logits=True (the chunked loss) needs lm_head to be an nn.Linear or a weight-only int8 "
+                    f"layer; this model's lm_head is {type(lm_head).__name__}{f' ({mode})' if mode else ''}: pass "
+                    f"skip_logits=False to compute the loss from the full logits")

@@ -131,7 +131,10 @@ def fully_shard_model(model: LlamaForCausalLM, mesh, param_dtype: torch.dtype | 
 def ddp_model(model: nn.Module, d: Dist) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    # No buffer broadcast: the model's buffers never change in training (RoPE frequencies, and a frozen int8
+    # base's weights, which would otherwise be re-sent from rank 0 on every forward).
+    return DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                                   broadcast_buffers=False)
 
 
 def all_reduce_sum(value: torch.Tensor, d: Dist) -> torch.Tensor:

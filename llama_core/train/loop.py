@@ -158,8 +158,9 @@ def _run(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None) -> TrainRe
     out_dir = Path(cfg.output_dir)
     if d.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        logger.info("training %s params on %d %s rank(s), mode %s, %s compute, %d x %d tokens per step "
-                    "(accumulation %d), from step %d", f"{model.num_parameters():,}", d.world, d.device.type,
+        logger.info("training %s of %s params on %d %s rank(s), mode %s, %s compute, %d x %d tokens per step "
+                    "(accumulation %d), from step %d", f"{model.num_parameters(only_trainable=True):,}",
+                    f"{model.num_parameters():,}", d.world, d.device.type,
                     d.mode, str(dtype).removeprefix("torch."), cfg.global_batch_size, cfg.seq_len, accumulation,
                     step)
 
