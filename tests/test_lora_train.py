@@ -117,3 +117,16 @@ def test_cli_trains_an_int8_base(corpus, tmp_path):
 def test_bad_lora_settings_fail_before_training(corpus, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train(lora_config(corpus, tmp_path, **overrides), on_step=_never)
+
+
+def test_resume_base_check_sees_one_directory_under_two_spellings(corpus, tmp_path, monkeypatch):
+    from llama_core.train.checkpoint import check_same_adapters
+
+    model = build_model(lora_config(corpus, tmp_path))
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = {"train_config": {"lora_rank": 4, "lora_targets": ALL, "init_from": "base"}, "model_config": {}}
+    check_same_adapters(saved, model, model.config, "ckpt", {"init_from": str(tmp_path / "base")})  # same dir
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match=r"init_from: checkpoint 'base', this run '.*other'"):
+        check_same_adapters(saved, model, model.config, "ckpt", {"init_from": str(tmp_path / "other")})

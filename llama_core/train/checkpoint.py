@@ -271,7 +271,7 @@ def check_same_adapters(state: dict[str, Any], model: nn.Module, config: LlamaCo
     if lora is not None and base_source is not None:
         fields = _BASE_SOURCE_FIELDS + (() if base_source.get("init_from") else ("seed",))  # random init: seeded
         diff = [f"{k}: checkpoint {train_config.get(k)!r}, this run {base_source.get(k)!r}" for k in fields
-                if train_config.get(k) != base_source.get(k)]
+                if _source_key(train_config.get(k)) != _source_key(base_source.get(k))]
         if diff:
             raise ValueError(f"cannot resume from {path}: a LoRA checkpoint holds only the adapters, so it resumes "
                              f"over the same base model ({'; '.join(diff)})")
@@ -280,6 +280,14 @@ def check_same_adapters(state: dict[str, Any], model: nn.Module, config: LlamaCo
     if saved_quant != our_quant:
         raise ValueError(f"cannot resume from {path}: its base is {saved_quant or 'full precision'}, this run's is "
                          f"{our_quant or 'full precision'} (--quantize-base)")
+
+
+def _source_key(value: Any) -> Any:
+    """A model source as compared on resume: an existing local path by its resolved location (a relative and
+    an absolute spelling of one directory are the same base), anything else (hub ids, presets) as given."""
+    if isinstance(value, str) and value and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def _describe(adapters: tuple[int, list[str]] | None) -> str:
