@@ -28,20 +28,29 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_MODEL = Path(os.environ.get("LLAMA_CORE_ASSETS", REPO.parent / "shared" / "assets")) / "smollm2"
 
-# name -> extra CLI flags; the first is the default configuration of `llama-core train`.
+# name -> extra CLI flags; the first is the default configuration of `llama-core train`. DENSE_MASK is not a CLI
+# flag: the child forces the model's dense-mask fallback (document_attention.choose_backend -> "dense"), which
+# is what packed training ran on before the fused document masking.
+DENSE_MASK = "--bench-force-dense-mask"
 CONFIGS = {
     "fused loss + fused document masking (default)": [],
     "plain loss (full logits)": ["--no-fused-loss"],
-    "dense [b,1,t,t] document mask": ["--attn-implementation", "eager"],
+    "dense [b,1,t,t] document mask": [DENSE_MASK],
+    "plain loss + dense mask (before issue 17)": ["--no-fused-loss", DENSE_MASK],
 }
 LORA = ["--lora-rank", "16", "--lora-alpha", "32",
         "--lora-targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]
 
 # Runs the CLI in this child and reports its own peak RSS (ru_maxrss: KiB on Linux) on the last line.
-CHILD = """
+CHILD = f"""
 import json, resource, sys
 from llama_core.cli import main
-rc = main(sys.argv[1:])
+from llama_core.modeling import document_attention
+args = sys.argv[1:]
+if "{DENSE_MASK}" in args:
+    args.remove("{DENSE_MASK}")
+    document_attention.choose_backend = lambda *a, **k: "dense"
+rc = main(args)
 print(json.dumps({"rc": rc, "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
@@ -68,9 +77,11 @@ def run_config(name: str, flags: list[str], model: str, data: Path, args: argpar
            "--no-export-hf", "--log-every", "1", "--device", "cpu", *flags]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run([sys.executable, "-c", CHILD, *cli], capture_output=True, text=True, env=env, cwd=REPO)
-    if proc.returncode != 0:
+    last = proc.stdout.strip().splitlines()[-1:] or ["{}"]
+    status = json.loads(last[0]) if last[0].startswith("{") else {}
+    if proc.returncode != 0 or status.get("rc") != 0:
         raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    peak = json.loads(proc.stdout.strip().splitlines()[-1])["max_rss_bytes"]
+    peak = status["max_rss_bytes"]
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return {"config": name, "flags": flags, "losses": [s["loss"] for s in steps],
             "tokens_per_s": statistics.median(s["tokens_per_s"] for s in steps[1:]),
