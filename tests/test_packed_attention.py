@@ -114,6 +114,7 @@ def emulated_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, windo
     """varlen_attn's documented contract on ``[tokens, heads, d]``: each cu_seqlens span attends alone,
     causally when ``window_size == (-1, 0)``. Checks what our caller must pass."""
     assert q.dim() == 3 and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
+    assert q.dtype == k.dtype == v.dtype  # the kernel takes one dtype
     assert window_size == (-1, 0) and max_q == max_k and max_q >= int((cu_q[1:] - cu_q[:-1]).max())
     assert int(cu_q[0]) == 0 and int(cu_q[-1]) == q.shape[0]
     out = []
@@ -122,6 +123,21 @@ def emulated_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, windo
         out.append(torch.nn.functional.scaled_dot_product_attention(*piece, is_causal=True, scale=scale,
                                                                     enable_gqa=enable_gqa)[0].transpose(0, 1))
     return torch.cat(out)
+
+
+def test_varlen_under_autocast_gets_one_dtype(monkeypatch):
+    """Under autocast RoPE leaves q and k in fp32 while v is bf16; the kernel gets all three in bf16 and
+    agrees with the dense mask run the same way."""
+    model = random_model(small_config(num_hidden_layers=2))
+    ids, positions, _ = packed_rows()
+    monkeypatch.setattr("torch.nn.attention.varlen.varlen_attn", emulated_varlen_attn)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mask = da.dense_document_mask(da.packed_document_ids(positions, 2))
+        dense = model(ids, attention_mask=mask, position_ids=positions).logits
+        chosen = force_backend(monkeypatch, "varlen")
+        fused = model(ids, position_ids=positions).logits
+    assert chosen == ["varlen"]
+    torch.testing.assert_close(fused.float(), dense.float(), atol=0.05, rtol=0.05)  # bf16 rounding only
 
 
 # ---- no [t, t] tensor on the fused paths -----------------------------------------------------------------
@@ -218,7 +234,7 @@ def test_packed_mask_detection_and_errors():
     assert da.packed_attention_mask(positions[1:], 1, "sdpa", torch.float32, 0.0) is None
     mask = da.packed_attention_mask(positions, 2, "sdpa", torch.float32, 0.0)
     assert isinstance(mask, da.DocumentMask) and mask.backend == "segments"
-    assert mask.segments == ((0, 0, 3), (0, 3, 5), (1, 0, 5))
+    assert mask.segments == (3, 2, 5)  # document lengths, row 0 then row 1
     assert da.build_document_mask(da.packed_document_ids(positions, 2), "varlen").cu_seqlens.tolist() == [0, 3, 5, 10]
     dense = da.packed_attention_mask(positions, 2, "eager", torch.float32, 0.0)
     assert dense.shape == (2, 1, 5, 5) and dense[0, 0, 4].tolist() == [False, False, False, True, True]

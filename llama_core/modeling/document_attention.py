@@ -91,7 +91,7 @@ class DocumentMask:
     dense: Tensor | None = None  # dense: [b, 1, t, t] bool
     block_mask: object | None = None  # flex: a torch BlockMask
     cu_seqlens: Tensor | None = None  # varlen: [documents + 1] int32 offsets into the flattened b * t tokens
-    segments: tuple[tuple[int, int, int], ...] | None = None  # segments: (row, start, end) per document
+    segments: tuple[int, ...] | None = None  # segments: document lengths, rows laid end to end
 
     def to(self, device: torch.device) -> DocumentMask:
         """The same mask on ``device`` (a model split across devices hands it over with the activations)."""
@@ -115,11 +115,9 @@ def build_document_mask(doc_ids: Tensor, backend: str) -> DocumentMask:
         offsets = torch.nonzero(starts.flatten()).flatten()
         end = torch.tensor([b * t], device=offsets.device, dtype=offsets.dtype)
         return replace(mask, cu_seqlens=torch.cat([offsets, end]).to(torch.int32))
-    t = doc_ids.shape[1]
-    rows, cols = (x.tolist() for x in torch.nonzero(starts, as_tuple=True))  # the one host sync
-    # a document ends where the next one starts in the same row, else at the row's end
-    ends = [c2 if r2 == r else t for r, r2, c2 in zip(rows, [*rows[1:], -1], [*cols[1:], t], strict=True)]
-    return replace(mask, segments=tuple(zip(rows, cols, ends, strict=True)))
+    offsets = torch.nonzero(starts.flatten()).flatten().tolist()  # the one host sync
+    lengths = [e - s for s, e in zip(offsets, [*offsets[1:], starts.numel()], strict=True)]
+    return replace(mask, segments=tuple(lengths))
 
 
 def packed_attention_mask(position_ids: Tensor, batch: int, implementation: str, dtype: torch.dtype,
@@ -150,6 +148,8 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask, scal
     """``q [b, h, t, d]``, ``k/v [b, h_kv, t, d]`` -> ``[b, h, t, d]``, each query seeing its own document's
     earlier keys only. GQA without repeating K/V on every backend."""
     gqa = k.shape[1] != q.shape[1]
+    if q.dtype != v.dtype:  # autocast: RoPE's fp32 angles promote q and k; v is in the compute dtype
+        q, k = q.to(v.dtype), k.to(v.dtype)  # (SDPA's autocast would cast them so; the kernels below do not)
     if mask.backend == "varlen":
         return _varlen(q, k, v, mask.cu_seqlens, scale, gqa)
     if mask.backend == "flex":
@@ -167,12 +167,18 @@ def _document_starts(doc_ids: Tensor) -> Tensor:
     return starts
 
 
-def _segments(q: Tensor, k: Tensor, v: Tensor, segments: tuple[tuple[int, int, int], ...], scale: float,
-              dropout: float, gqa: bool) -> Tensor:
+def _segments(q: Tensor, k: Tensor, v: Tensor, lengths: tuple[int, ...], scale: float, dropout: float,
+              gqa: bool) -> Tensor:
     b, h, t, d = q.shape
-    outs = [F.scaled_dot_product_attention(q[r:r + 1, :, s:e], k[r:r + 1, :, s:e], v[r:r + 1, :, s:e],
-                                           dropout_p=dropout, is_causal=True, scale=scale, enable_gqa=gqa)
-            for r, s, e in segments]
+
+    def pieces(x: Tensor) -> tuple[Tensor, ...]:  # [b, heads, t, d] -> documents of [1, heads, length, d]
+        # one split of the rows laid end to end: its backward is one cat, where slicing each document
+        # out would give every document a full-size zero gradient to add up
+        return x.transpose(0, 1).reshape(1, x.shape[1], b * t, d).split(lengths, dim=2)
+
+    outs = [F.scaled_dot_product_attention(qd, kd, vd, dropout_p=dropout, is_causal=True, scale=scale,
+                                           enable_gqa=gqa)
+            for qd, kd, vd in zip(pieces(q), pieces(k), pieces(v), strict=True)]
     return torch.cat(outs, dim=2).view(h, b, t, d).transpose(0, 1)  # [1, h, b * t, d] -> [b, h, t, d]
 
 
