@@ -76,7 +76,7 @@ def choose_backend(implementation: str, device: torch.device, dtype: torch.dtype
     cuda = device.type == "cuda"
     if fused_ok and cuda and not compiling and dtype in (torch.float16, torch.bfloat16) and varlen_available():
         return "varlen"
-    if fused_ok and flex_available() and (cuda or not needs_grad) and (compiling or cuda):
+    if fused_ok and flex_available() and (cuda or (compiling and not needs_grad)):
         return "flex"
     return "dense" if compiling else "segments"
 
