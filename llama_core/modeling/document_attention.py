@@ -65,10 +65,11 @@ def choose_backend(implementation: str, device: torch.device, dtype: torch.dtype
 
     ``implementation`` is the model's attn_implementation: "eager" always gets the dense mask (it is the
     readable reference). For "sdpa", in order: varlen on CUDA in fp16/bf16 (fastest; eager mode only, as
-    its cumulative lengths have a data-dependent size); FlexAttention where it can run (CUDA, or CPU without
-    gradients) when compiling, and on CUDA in fp32; per-document SDPA in eager mode (on CPU it beats compiled
-    FlexAttention's forward and has a backward, see benchmarks/bench_packed_attention.py); else dense.
-    Dropout rules out varlen and flex, which have none.
+    its cumulative lengths have a data-dependent size); FlexAttention on CUDA, and on CPU when compiling
+    without gradients; per-document SDPA in eager mode; else dense. Dropout rules out varlen and flex, which
+    have none. On CPU in eager mode per-document SDPA is taken even without gradients: compiled FlexAttention's
+    forward measured 0.8-1.3x its speed (benchmarks/results/packed-attention-*-forward.json) but compiles
+    again for every new shape, where SDPA needs no compiling and also runs backward.
     """
     if implementation == "eager":
         return "dense"
