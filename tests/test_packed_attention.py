@@ -53,7 +53,7 @@ def force_backend(monkeypatch, backend: str) -> list[str]:
 def packed_and_alone(model, ids, positions, pieces, grad: bool):
     """Logits (and parameter gradients of a fixed random projection of them) of the packed rows, and the same
     from each document piece run alone."""
-    weight = torch.randn(ids.shape[0], ids.shape[1], model.config.vocab_size)
+    weight = torch.randn(ids.shape[0], ids.shape[1], model.config.vocab_size, device=ids.device)
     results = []
     for alone in (False, True):
         model.zero_grad(set_to_none=True)
