@@ -109,6 +109,25 @@ def test_flex_packed_rows_equal_documents_alone(monkeypatch):
         torch.testing.assert_close(grad, alone_grads[name], atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not da.flex_available(), reason="torch without FlexAttention")
+def test_compiled_model_takes_flex_without_graph_breaks(monkeypatch):
+    """Under torch.compile (no gradients, CPU) packed rows go to FlexAttention inside the model's graph."""
+    from torch._dynamo.utils import counters
+
+    model = random_model(small_config(num_hidden_layers=1))
+    ids, positions, _ = packed_rows()
+    chosen, choose = [], da.choose_backend
+    monkeypatch.setattr(da, "choose_backend", lambda *args: chosen.append(choose(*args)) or chosen[-1])
+    counters.clear()
+    with torch.no_grad():
+        eager = model(ids, position_ids=positions).logits
+        compiled = torch.compile(model.forward)(ids, position_ids=positions).logits
+    assert chosen == ["segments", "flex"]  # eager mode, then compiled
+    torch.testing.assert_close(compiled, eager, **TOL)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 def emulated_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
                          enable_gqa=False, **unused):
     """varlen_attn's documented contract on ``[tokens, heads, d]``: each cu_seqlens span attends alone,

@@ -22,6 +22,7 @@ kernels, so the model passes a ``DocumentMask`` instead, computed on one of four
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,22 +42,18 @@ def packed_document_ids(position_ids: Tensor, batch: int) -> Tensor:
     return (step != 1).cumsum(-1)
 
 
-@functools.cache
+# Looked up once at import (no import of the modules themselves): the answers are constants, also under
+# torch.compile, which would trace a cached function's body anew.
+_HAS_VARLEN = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+_HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
 def varlen_available() -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _HAS_VARLEN
 
 
-@functools.cache
 def flex_available() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _HAS_FLEX
 
 
 def choose_backend(implementation: str, device: torch.device, dtype: torch.dtype, needs_grad: bool,
@@ -154,6 +151,10 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask, scal
     if mask.backend == "varlen":
         return _varlen(q, k, v, mask.cu_seqlens, scale, gqa)
     if mask.backend == "flex":
+        if torch.compiler.is_compiling():  # inside a compiled model: traced into its graph
+            from torch.nn.attention.flex_attention import flex_attention
+
+            return flex_attention(q, k, v, block_mask=mask.block_mask, scale=scale, enable_gqa=gqa)
         return _compiled_flex()(q, k, v, block_mask=mask.block_mask, scale=scale, enable_gqa=gqa)
     if mask.backend == "segments":
         return _segments(q, k, v, mask.segments, scale, dropout, gqa)
