@@ -65,7 +65,7 @@ def choose_backend(implementation: str, device: torch.device, dtype: torch.dtype
     its cumulative lengths have a data-dependent size); FlexAttention on CUDA, and on CPU when compiling
     without gradients; per-document SDPA in eager mode; else dense. Dropout rules out varlen and flex, which
     have none. On CPU in eager mode per-document SDPA is taken even without gradients: compiled FlexAttention's
-    forward measured 0.8-1.3x its speed (benchmarks/results/packed-attention-*-forward.json) but compiles
+    forward measured 0.87-1.4x its speed (benchmarks/results/packed-attention-*-forward.json) but compiles
     again for every new shape, where SDPA needs no compiling and also runs backward.
     """
     if implementation == "eager":
