@@ -44,13 +44,15 @@ def test_pack_windows_masks_documents():
     # the BOS that starts document 1 is not a target of document 0's EOS
     assert b.targets.tolist() == [[10, 11, 2, IGNORE_INDEX, 20, 21, 22, 2]]
     assert b.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2, 3]]
-    mask = b.attention_mask[0, 0]
+    assert not hasattr(b, "attention_mask")  # no [b, 1, t, t] tensor travels with a training batch
+    mask = b.dense_attention_mask()[0, 0]  # what the position ids stand for
     assert mask[5].tolist() == [False] * 4 + [True, True, False, False]  # own document, causal
     assert mask[3].tolist() == [True] * 4 + [False] * 4
 
 
 def test_packed_window_equals_documents_alone():
-    """The point of the mask and position resets: a packed row gives each document's standalone logits."""
+    """The point of the position resets: a packed row gives each document's standalone logits, from the
+    position ids alone (the fused document path) and from the explicit 4-D mask callers may still pass."""
     model = random_model(small_config(num_hidden_layers=2))
     docs = [torch.randint(3, 128, (n,)) for n in (5, 9, 3, 7)]
     tokens = torch.cat(docs)[None]
@@ -59,11 +61,13 @@ def test_packed_window_equals_documents_alone():
     for impl in ("sdpa", "eager"):
         model.set_attn_implementation(impl)
         with torch.no_grad():
-            packed = model(b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids).logits[0]
             alone = torch.cat([model(x[None]).logits[0] for x in docs])
-        torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+            by_positions = model(b.input_ids, position_ids=b.position_ids).logits[0]
+            by_mask = model(b.input_ids, attention_mask=b.dense_attention_mask(), position_ids=b.position_ids)
+        torch.testing.assert_close(by_positions, alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(by_mask.logits[0], alone, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="4-D attention_mask must be boolean"):
-        model(b.input_ids, attention_mask=b.attention_mask.float())
+        model(b.input_ids, attention_mask=b.dense_attention_mask().float())
 
 
 def test_window_order_is_a_function_of_position():

@@ -77,7 +77,10 @@ def test_sharded_export_equals_single_process_weights(runs, mode):
     ours = load_file(root / "single" / "hf" / "model.safetensors")
     assert theirs.keys() == ours.keys()
     for k in ours:
-        torch.testing.assert_close(theirs[k], ours[k], atol=1e-5, rtol=1e-4, msg=k)
+        # 4 AdamW steps turn the ~2e-8 reduction-order noise of sharded gradients into up to a few 1e-5 on a
+        # weight whose gradient is near zero (Adam divides by its tiny sqrt(v)): measured 2.8e-5 on 1 weight of
+        # 11264 with per-document attention, 1.1e-5 with the dense mask; a sharding error is far larger.
+        torch.testing.assert_close(theirs[k], ours[k], atol=5e-5, rtol=1e-4, msg=k)
 
 
 def test_fsdp_checkpoint_resumes_in_one_process(runs):

@@ -3,7 +3,8 @@
 Masks are boolean ``[batch, 1, q_len, kv_len]`` with True where a query may attend, or None for the
 plain causal case (no padding, nothing cached) so SDPA can take its ``is_causal`` fast path. Callers may
 pass such a 4-D mask themselves (as transformers allows), e.g. a block-diagonal causal mask for packed
-documents in training; it is used as given.
+documents; it is used as given. Packed documents told by restarting position_ids instead get a
+``DocumentMask`` (``document_attention.py``), which runs on fused kernels without any ``[t, t]`` tensor.
 
 Head counts are read from the projections' output shapes, not the config, so the same code runs under
 tensor parallelism, where q/k/v_proj hold only this rank's heads.
@@ -19,6 +20,7 @@ from kernels._runtime import use_triton_op
 
 from .cache import Cache
 from .config import LlamaConfig
+from .document_attention import DocumentMask, document_attention
 from .linear import linear
 from .rope import RopeAngles, apply_rope
 
@@ -101,7 +103,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
 
-    def forward(self, x: Tensor, rope: RopeAngles, mask: Tensor | None, cache: Cache | None,
+    def forward(self, x: Tensor, rope: RopeAngles, mask: Tensor | DocumentMask | None, cache: Cache | None,
                 cache_position: Tensor | None = None) -> Tensor:
         b, t, _ = x.shape
         # -1, not num_heads: under tensor parallelism the projections give this rank's heads only
@@ -114,7 +116,10 @@ class Attention(nn.Module):
         if rope.key_cos is not None:  # dynamic NTK with a cache: the whole cache, with today's frequencies
             k = apply_rope(k, rope.key_cos, rope.key_sin)
         dropout = self.dropout if self.training else 0.0
-        out = ATTENTION_BACKENDS[self.backend](q, k, v, mask, self.scale, dropout)
+        if isinstance(mask, DocumentMask):  # packed documents: the backend was chosen once for all layers
+            out = document_attention(q, k, v, mask, self.scale, dropout)
+        else:
+            out = ATTENTION_BACKENDS[self.backend](q, k, v, mask, self.scale, dropout)
         return linear(self.o_proj, out.transpose(1, 2).reshape(b, t, -1), self.kernels)  # -> [b, t, hidden]
 
     def _rotate(self, q: Tensor, k: Tensor, rope: RopeAngles) -> tuple[Tensor, Tensor]:

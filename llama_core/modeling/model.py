@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import build_attention_mask
 from .cache import Cache, DynamicCache, StaticCache
 from .config import LlamaConfig
+from .document_attention import packed_attention_mask
 from .fused_loss import lm_head_loss
 from .layers import DecoderLayer, RMSNorm
 from .linear import linear
@@ -61,6 +62,8 @@ class LlamaModel(LlamaPreTrainedModel):
             _check_mask(attention_mask, b, t, cache.max_cache_len if static else past + t, past)
         if cache_position is None:
             cache_position = torch.arange(past, past + t, device=x.device)
+        # As transformers: position_ids that restart, with no attention_mask and no cache, are packed documents
+        packed = position_ids is not None and attention_mask is None and cache is None
         if position_ids is None:
             position_ids = _position_ids(attention_mask, cache_position, b, t)
 
@@ -70,7 +73,11 @@ class LlamaModel(LlamaPreTrainedModel):
         rope = self.rotary_emb(position_ids, x.dtype, key_positions)
         kv_len = cache.max_cache_len if static else past + t
         can_skip = not static and (past == 0 or t == 1)
-        mask = build_attention_mask(attention_mask, cache_position, kv_len, can_skip)
+        if packed:
+            mask = packed_attention_mask(position_ids.to(x.device), b, self.config.attn_implementation,
+                                         _compute_dtype(x), self.config.attention_dropout if self.training else 0.0)
+        else:
+            mask = build_attention_mask(attention_mask, cache_position, kv_len, can_skip)
 
         hidden_states = [x] if output_hidden_states else None
         for layer in self.layers:
@@ -113,6 +120,13 @@ def _check_mask(attention_mask: Tensor | None, b: int, t: int, kv_len: int, past
     elif attention_mask.shape != (b, past + t):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, cached + new "
                          f"tokens) = {(b, past + t)}")
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype attention will run in: autocast's where it is on (the embeddings stay fp32 under it)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def _position_ids(attention_mask: Tensor | None, cache_position: Tensor, b: int, t: int) -> Tensor:

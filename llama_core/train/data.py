@@ -5,8 +5,10 @@ with a per-token document index. A training window is ``seq_len + 1`` consecutiv
 the first ``seq_len``, targets the last ``seq_len``), so no token is wasted at window edges. Windows
 cross document boundaries; the boundaries are handled in the model, not by padding:
 
-- attention is block-diagonal causal: a token only sees earlier tokens of its own document;
 - position ids restart at 0 at every document start, as if each document were alone;
+- from those restarts the model makes attention block-diagonal causal (a token only sees earlier tokens
+  of its own document), as transformers does for packed position_ids, on fused kernels where it can
+  (llama_core.modeling.document_attention); no [t, t] mask travels with the batch;
 - a target that starts a new document (the BOS after an EOS) is not trained on: nothing before it
   in its window belongs to its document, so it is unpredictable by construction.
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..modeling.document_attention import dense_document_mask, packed_document_ids
 from ..tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -108,16 +111,21 @@ def load_token_stream(path: str | os.PathLike, tokenizer: Tokenizer, separator: 
 
 @dataclass
 class Batch:
-    """One micro-batch: model inputs and the (already shifted) targets."""
+    """One micro-batch: model inputs and the (already shifted) targets. The documents are told by the
+    position ids alone: ``model(input_ids, position_ids=position_ids)`` attends within documents."""
 
     input_ids: Tensor  # [b, t]
     position_ids: Tensor  # [b, t], restarting at 0 at each document start
-    attention_mask: Tensor  # [b, 1, t, t] bool, block-diagonal causal
     targets: Tensor  # [b, t], IGNORE_INDEX where the target starts a new document
 
     @property
     def num_targets(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
+
+    def dense_attention_mask(self) -> Tensor:
+        """The explicit ``[b, 1, t, t]`` block-diagonal causal mask the position ids stand for (O(t^2)
+        memory: for callers that pass masks themselves, not for training)."""
+        return dense_document_mask(packed_document_ids(self.position_ids, self.position_ids.shape[0]))
 
 
 def pack_windows(tokens: Tensor, doc_ids: Tensor, trainable: Tensor | None = None) -> Batch:
@@ -135,11 +143,7 @@ def pack_windows(tokens: Tensor, doc_ids: Tensor, trainable: Tensor | None = Non
     starts = torch.ones_like(docs, dtype=torch.bool)
     starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
     first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
-    position_ids = index - first
-    causal = torch.ones(t, t, dtype=torch.bool, device=docs.device).tril()
-    same_doc = docs[:, :, None] == docs[:, None, :]  # [b, t, t]
-    mask = (same_doc & causal)[:, None]  # [b, 1, t, t]
-    return Batch(inputs, position_ids, mask, targets)
+    return Batch(inputs, index - first, targets)
 
 
 class PackedWindows:
@@ -170,8 +174,7 @@ class PackedWindows:
         return int(self._order[offset])
 
     def windows(self, first: int, count: int, device: torch.device | None = None) -> Batch:
-        """Windows ``first .. first + count - 1`` of the global order as one Batch (packed on ``device``:
-        the [b, 1, t, t] mask is built where it is used, never copied)."""
+        """Windows ``first .. first + count - 1`` of the global order as one Batch, packed on ``device``."""
         rows = [self._window_index(k) * self.seq_len for k in range(first, first + count)]
         span = self.seq_len + 1
         tokens = torch.stack([self.stream.tokens[r:r + span] for r in rows]).to(device)

@@ -112,13 +112,15 @@ def micro_step_loss(model: nn.Module, batch: Batch, fused: bool = True) -> torch
     (``skip_logits``; the same loss and gradients, a fraction of the memory); otherwise from the full logits.
     Through the model's forward either way, so FSDP's gathered lm_head weight is what the loss reads.
     ``num_items_in_batch=1`` asks for the plain sum: the loop scales it by the global target count itself.
+    The restarting position ids alone tell the model the documents (no attention_mask, no cache), so it
+    attends within them on its fused document-attention path.
     """
     if not fused:
-        logits = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids).logits
+        logits = model(batch.input_ids, position_ids=batch.position_ids).logits
         return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
-    return model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                 shift_labels=batch.targets, num_items_in_batch=1, skip_logits=True).loss
+    return model(batch.input_ids, position_ids=batch.position_ids, shift_labels=batch.targets,
+                 num_items_in_batch=1, skip_logits=True).loss
 
 
 def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) -> TrainResult:
