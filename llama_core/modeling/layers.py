@@ -11,6 +11,7 @@ from kernels._runtime import use_triton_op
 from .attention import Attention
 from .cache import Cache
 from .config import LlamaConfig
+from .document_attention import DocumentMask
 from .linear import linear
 from .rope import RopeAngles
 
@@ -76,7 +77,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.kernels)
 
-    def forward(self, x: Tensor, rope: RopeAngles, mask: Tensor | None, cache: Cache | None = None,
+    def forward(self, x: Tensor, rope: RopeAngles, mask: Tensor | DocumentMask | None, cache: Cache | None = None,
                 cache_position: Tensor | None = None) -> Tensor:
         attn = self.self_attn(self.input_layernorm(x), rope, mask, cache, cache_position)
         h, x = self.post_attention_layernorm(attn, residual=x)  # x = x + attn; h = norm(x), one kernel
