@@ -35,6 +35,17 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    """The synthetic story corpus (a directory of .txt files) and its 192-id tokenizer, shared by the training
+    tests (read only)."""
+    from tests.train_corpus import write_corpus, write_tokenizer
+
+    root = tmp_path_factory.mktemp("story_corpus")
+    data = write_corpus(root / "corpus")
+    return data, write_tokenizer(root / "tokenizer", data)
+
+
 @pytest.fixture
 def transformers_module():
     transformers = pytest.importorskip("transformers")

@@ -8,14 +8,12 @@ to OUT_DIR/results.json for the test to compare with one process.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 from llama_core.train import TrainConfig, train
 from llama_core.train.distributed import init_distributed
+from tests.torchrun_launch import finish
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 
@@ -41,10 +39,7 @@ def main() -> None:
     step2 = out / "fsdp" / "checkpoints" / "step_00000002"
     results["fsdp_resumed"] = train(run_config(data, tok, out / "fsdp_resumed", parallel="fsdp", resume=str(step2),
                                                export_hf=False)).losses
-    if dist.get_rank() == 0:
-        (out / "results.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(out, results)
 
 
 if __name__ == "__main__":

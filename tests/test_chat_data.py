@@ -16,7 +16,7 @@ from llama_core.train import TrainConfig, pack_windows, train
 from llama_core.train.chat_data import conversation_tokens, load_chat_stream, resolve_data_format
 from llama_core.train.data import IGNORE_INDEX, PackedWindows
 from tests.conftest import assets_dir
-from tests.train_corpus import NAMES, story, write_corpus, write_tokenizer
+from tests.train_corpus import NAMES, story
 
 CONVERSATION = [
     {"role": "system", "content": "Answer in one word."},
@@ -77,13 +77,13 @@ def test_pack_windows_trains_only_trainable_targets():
 
 
 @pytest.fixture(scope="module")
-def chat_run(tmp_path_factory) -> tuple[Path, Path]:
+def chat_run(tmp_path_factory, corpus) -> tuple[Path, Path]:
     """A JSONL of story requests answered with stories, and the synthetic corpus's tokenizer (no Jinja
     template: the built-in Llama 2 [INST] format)."""
     import random
 
     root = tmp_path_factory.mktemp("chat")
-    tok = write_tokenizer(root / "tokenizer", write_corpus(root / "corpus"))
+    tok = corpus[1]
     rng = random.Random(0)
     lines = []
     for _ in range(60):

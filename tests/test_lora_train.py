@@ -15,16 +15,8 @@ from llama_core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter
 from llama_core.train import TrainConfig, train
 from llama_core.train.build import build_model, make_optimizer
 from llama_core.train.checkpoint import SafeCheckpointReader
-from tests.train_corpus import write_corpus, write_tokenizer
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("lora_train")
-    data = write_corpus(root / "corpus")
-    return data, write_tokenizer(root / "tokenizer", data)
 
 
 def lora_config(corpus, out: Path, **overrides) -> TrainConfig:

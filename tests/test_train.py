@@ -16,14 +16,6 @@ from llama_core.train import TrainConfig, list_checkpoints, lr_at, pack_windows,
 from llama_core.train import checkpoint as ckpt_module
 from llama_core.train.data import IGNORE_INDEX, PackedWindows, TokenStream
 from tests.conftest import random_model, small_config
-from tests.train_corpus import write_corpus, write_tokenizer
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("train")
-    data = write_corpus(root / "corpus")
-    return data, write_tokenizer(root / "tokenizer", data)
 
 
 def make_config(corpus, out: Path, **overrides) -> TrainConfig:

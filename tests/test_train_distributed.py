@@ -4,47 +4,20 @@ by 2 FSDP ranks resumes in one process (DCP reshards) and continues the same cur
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from llama_core.train import train
-from tests.conftest import REPO
-from tests.train_corpus import write_corpus, write_tokenizer
+from tests.torchrun_launch import FP32_NOISE, launch_workers
 from tests.train_dist_worker import run_config
-
-FP32_NOISE = dict(atol=2e-5, rtol=2e-5)  # reduction order differs across ranks; everything else is equal
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One torchrun launch for every scenario (process start-up dominates on a 2-core CPU)."""
     root = tmp_path_factory.mktemp("dist")
-    data = write_corpus(root / "corpus")
-    tok = write_tokenizer(root / "tokenizer", data)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), str(REPO / "tests" / "train_dist_worker.py"), str(data), str(tok),
-           str(root / "out")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun timed out after 300 s:\n{(e.stdout or b'')[-3000:]}\n{(e.stderr or b'')[-3000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    results = json.loads((root / "out" / "results.json").read_text())
+    data, tok, results = launch_workers("train_dist_worker.py", root)
     single = train(run_config(str(data), str(tok), root / "single", parallel="none"))
     return root, data, tok, results, single
 

@@ -8,7 +8,6 @@ unsharded model's; rank 0 writes everything to OUT_DIR/results.json for the test
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from llama_core import LlamaConfig, LlamaForCausalLM
 from llama_core.train import TrainConfig, tensor_parallel, train
 from llama_core.train.distributed import init_distributed
+from tests.torchrun_launch import finish
 
 
 def run_config(data: str, tok: str, out: Path, **kw) -> TrainConfig:
@@ -65,10 +65,7 @@ def main() -> None:
         results["uneven_error"] = None
     except ValueError as e:
         results["uneven_error"] = str(e)
-    if dist.get_rank() == 0:
-        (out / "results.json").write_text(json.dumps(results))
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(out, results)
 
 
 if __name__ == "__main__":
