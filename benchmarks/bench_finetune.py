@@ -42,17 +42,17 @@ LORA = ["--lora-rank", "16", "--lora-alpha", "32",
         "--lora-targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]
 
 # Runs the CLI in this child and reports its own peak RSS (ru_maxrss: KiB on Linux) on the last line.
-CHILD = f"""
+CHILD = """
 import json, resource, sys
 from llama_core.cli import main
 from llama_core.modeling import document_attention
 args = sys.argv[1:]
-if "{DENSE_MASK}" in args:
-    args.remove("{DENSE_MASK}")
+if "DENSE_MASK" in args:
+    args.remove("DENSE_MASK")
     document_attention.choose_backend = lambda *a, **k: "dense"
 rc = main(args)
 print(json.dumps({"rc": rc, "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-"""
+""".replace("DENSE_MASK", DENSE_MASK)
 
 
 def write_chat_set(path: Path, conversations: int, seed: int = 0) -> Path:
@@ -100,7 +100,7 @@ def main() -> None:
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), help="which configurations (names)")
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
-    from llama_core.bench.environment import environment, git_sha, load_average
+    from llama_core.bench.environment import environment, git_sha, load_average, slug
 
     with tempfile.TemporaryDirectory() as tmp:
         data = write_chat_set(Path(tmp) / "chat.jsonl", conversations=400)
@@ -121,14 +121,15 @@ def main() -> None:
                                             max(r["tokens_per_s"] for r in mine)],
                      "peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in mine),
                      "losses": mine[0]["losses"]})
-    record = {"benchmark": "finetune", "git_sha": git_sha(), "environment": environment("cpu"),
+    env = environment("cpu")
+    record = {"benchmark": "finetune", "git_sha": git_sha(), "environment": env,
               "load_average_after": load_average(),
               "setup": {"model": Path(args.model).name, "lora": LORA, "seq_len": args.seq_len, "batch": args.batch,
                         "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
                         "data": "400 generated arithmetic chat conversations, loss on assistant replies only"},
               "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "finetune-cpu.json"
+    out = RESULTS / f"finetune-{slug(env['device'])}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
