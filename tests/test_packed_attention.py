@@ -281,3 +281,15 @@ def test_packed_position_ids_match_transformers(transformers_module, tmp_path, i
         unpacked = ours(ids, position_ids=positions, attention_mask=torch.ones_like(ids)).logits
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     assert (unpacked - expected).abs().max() > 100 * ATOL  # attending across documents would show
+
+
+def test_varlen_needs_the_causal_window_and_gqa_arguments(monkeypatch):
+    """An older varlen_attn without window_size / enable_gqa is not chosen (it would fail mid-training)."""
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(da, "_varlen_usable", None)
+    assert da.varlen_available() is True  # torch 2.13's takes both
+    monkeypatch.setattr(da, "_varlen_usable", None)
+    monkeypatch.setattr(varlen, "varlen_attn", lambda query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
+                        is_causal=False: None)  # torch 2.10's shape
+    assert da.varlen_available() is False

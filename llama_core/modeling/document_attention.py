@@ -48,8 +48,23 @@ _HAS_VARLEN = importlib.util.find_spec("torch.nn.attention.varlen") is not None
 _HAS_FLEX = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
+_varlen_usable: bool | None = None
+
+
 def varlen_available() -> bool:
-    return _HAS_VARLEN
+    """``varlen_attn`` exists and takes the ``window_size`` (causal) and ``enable_gqa`` arguments used here
+    (older torch releases lack them: flex is chosen there instead). Decided on first use, because importing it
+    costs about a second; choose_backend asks only in eager mode."""
+    global _varlen_usable
+    if _varlen_usable is None:
+        _varlen_usable = False
+        if _HAS_VARLEN:
+            import inspect
+
+            from torch.nn.attention.varlen import varlen_attn
+
+            _varlen_usable = {"window_size", "enable_gqa"} <= set(inspect.signature(varlen_attn).parameters)
+    return _varlen_usable
 
 
 def flex_available() -> bool:
