@@ -16,7 +16,7 @@ from llama_core.train import list_checkpoints, train
 from llama_core.train.checkpoint import UnsafeCheckpointError, load_checkpoint, save_checkpoint
 from llama_core.train.distributed import Dist
 from tests.conftest import random_model, small_config
-from tests.test_train import corpus, make_config  # noqa: F401 (corpus is a fixture)
+from tests.test_train import make_config
 
 
 class _RunsCommand:
