@@ -88,7 +88,7 @@ def test_corrupt_metadata_is_a_clear_error(tmp_path):
         load_checkpoint(path, fresh, fresh_opt, model.config, Dist())
 
 
-def test_resume_auto_refuses_a_crafted_checkpoint(corpus, tmp_path):  # noqa: F811 (the fixture)
+def test_resume_auto_refuses_a_crafted_checkpoint(corpus, tmp_path):
     out = tmp_path / "run"
     train(make_config(corpus, out, max_steps=2, checkpoint_every=2))
     (path,) = list_checkpoints(out / "checkpoints")
@@ -99,7 +99,7 @@ def test_resume_auto_refuses_a_crafted_checkpoint(corpus, tmp_path):  # noqa: F8
     assert not marker.exists()
 
 
-def test_a_second_run_into_the_same_output_dir_fails_at_once(corpus, tmp_path):  # noqa: F811 (the fixture)
+def test_a_second_run_into_the_same_output_dir_fails_at_once(corpus, tmp_path):
     """One training run per output directory: while a live process holds it, another run is refused at once
     (naming the holder), nothing of it written; a killed holder (kill -9) does not block the next run."""
     import signal
