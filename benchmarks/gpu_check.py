@@ -22,6 +22,9 @@ stage that would get under ``MIN_STAGE_S`` is skipped. The run always ends by wr
 Exit codes: 0 the check ran (whatever the verdicts; read summary.txt), 3 no CUDA device and no --dry-run
 (nothing checked: prints "no CUDA device: nothing to check"), 2 bad arguments.
 On a copied tree without .git, set LLAMA_CORE_GIT_SHA so the record names the commit.
+
+The dry run also passes under the GPU image's versions (torch 2.11.0, triton 3.6.0, transformers 5.17.0; checked
+on CPU), where Triton 3.6's interpreter, which only the dry run uses, needs numpy < 2.4.
 """
 
 from __future__ import annotations

@@ -284,12 +284,18 @@ def test_packed_position_ids_match_transformers(transformers_module, tmp_path, i
 
 
 def test_varlen_needs_the_causal_window_and_gqa_arguments(monkeypatch):
-    """An older varlen_attn without window_size / enable_gqa is not chosen (it would fail mid-training)."""
+    """A varlen_attn without window_size / enable_gqa (torch 2.10 lacks both, 2.11 the second) is not chosen:
+    the call would fail mid-training. torch 2.13's takes both."""
     import torch.nn.attention.varlen as varlen
 
-    monkeypatch.setattr(da, "_varlen_usable", None)
-    assert da.varlen_available() is True  # torch 2.13's takes both
-    monkeypatch.setattr(da, "_varlen_usable", None)
-    monkeypatch.setattr(varlen, "varlen_attn", lambda query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *,
-                        is_causal=False: None)  # torch 2.10's shape
-    assert da.varlen_available() is False
+    def newer(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+              enable_gqa=False):
+        return None
+
+    def torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        return None
+
+    for fake, usable in [(newer, True), (torch_2_11, False)]:
+        monkeypatch.setattr(varlen, "varlen_attn", fake)
+        monkeypatch.setattr(da, "_varlen_usable", None)
+        assert da.varlen_available() is usable
