@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BACKENDS = ("varlen", "flex", "segments", "dense")
+MASK_BACKENDS = BACKENDS[:3]  # those a DocumentMask runs on; "dense" is a plain [b, 1, t, t] boolean mask
 FLEX_BLOCK = 128  # FlexAttention's default block size; the BlockMask is built at this granularity
 
 
@@ -101,7 +102,6 @@ class DocumentMask:
 
     doc_ids: Tensor  # [b, t]
     backend: str
-    dense: Tensor | None = None  # dense: [b, 1, t, t] bool
     block_mask: object | None = None  # flex: a torch BlockMask
     cu_seqlens: Tensor | None = None  # varlen: [documents + 1] int32 offsets into the flattened b * t tokens
     segments: tuple[int, ...] | None = None  # segments: document lengths, rows laid end to end
@@ -115,14 +115,12 @@ class DocumentMask:
 
 def build_document_mask(doc_ids: Tensor, backend: str) -> DocumentMask:
     """``doc_ids [b, t]`` (non-decreasing along each row) -> the DocumentMask for ``backend``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"document attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in MASK_BACKENDS:
+        raise ValueError(f"document attention backend must be one of {MASK_BACKENDS}, got {backend!r}")
     mask = DocumentMask(doc_ids, backend)
-    if backend == "dense":
-        return replace(mask, dense=dense_document_mask(doc_ids))
     if backend == "flex":
         return replace(mask, block_mask=_flex_block_mask(doc_ids))
-    starts = _document_starts(doc_ids)
+    starts = document_starts(doc_ids)
     if backend == "varlen":
         b, t = doc_ids.shape
         offsets = torch.nonzero(starts.flatten()).flatten()
@@ -171,13 +169,10 @@ def document_attention(q: Tensor, k: Tensor, v: Tensor, mask: DocumentMask, scal
 
             return flex_attention(q, k, v, block_mask=mask.block_mask, scale=scale, enable_gqa=gqa)
         return _compiled_flex()(q, k, v, block_mask=mask.block_mask, scale=scale, enable_gqa=gqa)
-    if mask.backend == "segments":
-        return _segments(q, k, v, mask.segments, scale, dropout, gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, dropout_p=dropout, scale=scale,
-                                          enable_gqa=gqa)
+    return _segments(q, k, v, mask.segments, scale, dropout, gqa)
 
 
-def _document_starts(doc_ids: Tensor) -> Tensor:
+def document_starts(doc_ids: Tensor) -> Tensor:
     """``[b, t]`` bool: True where a document starts (every row's first token included)."""
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..tokenizer import Tokenizer
-from .data import TEXT_SUFFIXES, TokenStream
+from .data import TEXT_SUFFIXES, TokenStream, list_files, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -50,27 +50,10 @@ def resolve_data_format(path: str | os.PathLike, data_format: str) -> str:
     return "text"
 
 
-def list_chat_files(path: str | os.PathLike) -> list[Path]:
-    """``path`` itself, or every ``*.jsonl`` file under a directory (sorted, recursive)."""
-    root = Path(path)
-    if root.is_file():
-        return [root]
-    if not root.is_dir():
-        raise FileNotFoundError(f"training data {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in CHAT_SUFFIXES)
-    if not files:
-        raise ValueError(f"no chat files ({', '.join(CHAT_SUFFIXES)}) under {root}")
-    return files
-
-
 def read_conversations(file: Path) -> list[tuple[str, list[dict[str, str]]]]:
     """``(where, messages)`` of each conversation of one JSONL file, each checked; errors name the file and
     line (``where`` is "FILE line N", for later errors)."""
-    raw = file.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{file} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start}") from None
+    raw, text = read_text(file)
     conversations = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -143,7 +126,7 @@ def load_chat_stream(path: str | os.PathLike, tokenizer: Tokenizer) -> TokenStre
     tokens: list[int] = []
     doc_ids: list[int] = []
     trainable: list[bool] = []
-    files = list_chat_files(path)
+    files = list_files(path, CHAT_SUFFIXES, "chat")
     count = 0
     for file in files:
         for where, messages in read_conversations(file):

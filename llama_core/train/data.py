@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..modeling.document_attention import dense_document_mask, packed_document_ids
+from ..modeling.document_attention import dense_document_mask, document_starts, packed_document_ids
 from ..tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -36,17 +36,28 @@ IGNORE_INDEX = -100
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
-def list_text_files(path: str | os.PathLike) -> list[Path]:
-    """``path`` itself, or every ``*.txt``/``*.md``/``*.text`` file under a directory (sorted, recursive)."""
+def list_files(path: str | os.PathLike, suffixes: tuple[str, ...], kind: str) -> list[Path]:
+    """``path`` itself, or every file with one of ``suffixes`` under a directory (sorted, recursive); ``kind``
+    names them in the error when there is none."""
     root = Path(path)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise FileNotFoundError(f"training data {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
     if not files:
-        raise ValueError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {root}")
+        raise ValueError(f"no {kind} files ({', '.join(suffixes)}) under {root}")
     return files
+
+
+def read_text(file: Path) -> tuple[bytes, str]:
+    """The file's bytes and their UTF-8 text; not UTF-8 is an error naming the file and the first bad byte."""
+    raw = file.read_bytes()
+    try:
+        return raw, raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} "
+                         f"({e.reason})") from None
 
 
 def read_documents(files: list[Path], separator: str | None = None) -> list[str]:
@@ -57,12 +68,7 @@ def read_documents(files: list[Path], separator: str | None = None) -> list[str]
     """
     docs: list[str] = []
     for file in files:
-        raw = file.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{file} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} "
-                             f"({e.reason})") from None
+        raw, text = read_text(file)
         if not text.strip():
             raise ValueError(f"{file} is empty" if not raw else f"{file} holds only whitespace")
         parts = text.split(separator) if separator else [text]
@@ -102,7 +108,7 @@ def tokenize_documents(docs: list[str], tokenizer: Tokenizer, batch: int = 512) 
 
 
 def load_token_stream(path: str | os.PathLike, tokenizer: Tokenizer, separator: str | None = None) -> TokenStream:
-    files = list_text_files(path)
+    files = list_files(path, TEXT_SUFFIXES, "text")
     docs = read_documents(files, separator)
     stream = tokenize_documents(docs, tokenizer)
     logger.info("data: %d files, %d documents, %d tokens", len(files), len(docs), len(stream))
@@ -140,9 +146,7 @@ def pack_windows(tokens: Tensor, doc_ids: Tensor, trainable: Tensor | None = Non
     # Position of each token within its document: index minus the index of its document's first token
     # in this window (a document cut by the window's left edge restarts at 0, as if it began there).
     index = torch.arange(t, device=docs.device).expand_as(docs)
-    starts = torch.ones_like(docs, dtype=torch.bool)
-    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    first = torch.where(document_starts(docs), index, torch.zeros_like(index)).cummax(dim=1).values
     return Batch(inputs, index - first, targets)
 
 
