@@ -19,6 +19,7 @@ from .config import LORA_TARGETS, LoraConfig
 from .inject import (
     adapter_state_dict,
     add_lora,
+    is_adapter_key,
     lora_layers,
     merge_and_unload,
     merge_lora,
@@ -30,6 +31,6 @@ from .peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, read_ada
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "LORA_TARGETS", "LoraConfig", "LoraLinear", "adapter_state_dict", "add_lora",
-    "load_adapter", "lora_layers", "merge_and_unload", "merge_lora", "read_adapter", "save_adapter", "unload_lora",
+    "is_adapter_key", "load_adapter", "lora_layers", "merge_and_unload", "merge_lora", "read_adapter", "save_adapter", "unload_lora",
     "unmerge_lora",
 ]

@@ -49,9 +49,14 @@ def add_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     return [full for _, _, full in found]
 
 
+def is_adapter_key(name: str) -> bool:
+    """Whether a state-dict name is an adapter weight (``...q_proj.lora_A.weight``), not a base weight."""
+    return ".lora_A." in name or ".lora_B." in name
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The adapter weights by the model's own names (``model.layers.0.self_attn.q_proj.lora_A.weight``)."""
-    return {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    return {k: v for k, v in model.state_dict().items() if is_adapter_key(k)}
 
 
 def merge_lora(model: nn.Module) -> None:

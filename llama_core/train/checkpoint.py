@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ..lora import LoraConfig, add_lora, merge_and_unload, save_adapter
+from ..lora import LoraConfig, add_lora, is_adapter_key, merge_and_unload, save_adapter
 from ..model_io.atomic import find_no_space, no_space_names, raise_if_no_space, replace_directory
 from ..modeling.config import LlamaConfig
 from ..modeling.model import LlamaForCausalLM
@@ -237,17 +237,13 @@ def _lora_of(model: nn.Module) -> Any:
     return getattr(getattr(model, "module", model), "lora_config", None)
 
 
-def _is_adapter_key(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
-
-
 def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Model and optimizer state dicts to checkpoint. A LoRA run's model part is its adapters only: the
     frozen base (of any size, int8 buffers included) is rebuilt from the run's model source on resume, which
     ``check_same_adapters`` requires to be the same."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     if _lora_of(model) is not None:
-        model_sd = {k: v for k, v in model_sd.items() if _is_adapter_key(k)}
+        model_sd = {k: v for k, v in model_sd.items() if is_adapter_key(k)}
     return model_sd, optim_sd
 
 
@@ -364,7 +360,7 @@ def export_lora(model: nn.Module, config: LlamaConfig, lora: LoraConfig, out_dir
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     adapter_dir = hf_dir = None
     if d.is_main:
-        adapters = {k: v for k, v in full.items() if ".lora_A." in k or ".lora_B." in k}
+        adapters = {k: v for k, v in full.items() if is_adapter_key(k)}
         adapter_dir = save_adapter(model, out_dir / "adapter", config=lora, state=adapters)
         if merge:
             with torch.device("meta"):
