@@ -1,5 +1,6 @@
-"""A LoRA chat fine-tune of a real model on CPU, as `llama-core train` runs it: loss curve, tokens/s and peak
-RSS, with and without the fused loss and the fused document masking.
+"""A chat fine-tune of a real model on CPU, as `llama-core train` runs it: loss curve, tokens/s and peak RSS of
+rank-16 LoRA with and without the fused loss and the fused document masking, over an int8 base, and of full
+fine-tuning.
 
     python benchmarks/bench_finetune.py                      # SmolLM2-135M-Instruct from ../shared/assets
     python benchmarks/bench_finetune.py --steps 12 --seq-len 1024 --repeats 2
@@ -29,18 +30,21 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_MODEL = Path(os.environ.get("LLAMA_CORE_ASSETS", REPO.parent / "shared" / "assets")) / "smollm2"
 
-# name -> extra CLI flags; the first is the default configuration of `llama-core train`. DENSE_MASK is not a CLI
-# flag: the child forces the model's dense-mask fallback (document_attention.choose_backend -> "dense"), which
-# is what packed training ran on before the fused document masking.
+# name -> CLI flags; the first is the default configuration of `llama-core train` with LoRA. DENSE_MASK is not a
+# CLI flag: the child forces the model's dense-mask fallback (document_attention.choose_backend -> "dense"),
+# which is what packed training ran on before the fused document masking.
 DENSE_MASK = "--bench-force-dense-mask"
-CONFIGS = {
-    "fused loss + fused document masking (default)": [],
-    "plain loss (full logits)": ["--no-fused-loss"],
-    "dense [b,1,t,t] document mask": [DENSE_MASK],
-    "plain loss + dense mask (before issue 17)": ["--no-fused-loss", DENSE_MASK],
-}
 LORA = ["--lora-rank", "16", "--lora-alpha", "32",
         "--lora-targets", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"]
+CONFIGS = {
+    "fused loss + fused document masking (default)": LORA,
+    "plain loss (full logits)": [*LORA, "--no-fused-loss"],
+    "dense [b,1,t,t] document mask": [*LORA, DENSE_MASK],
+    "plain loss + dense mask (before issue 17)": [*LORA, "--no-fused-loss", DENSE_MASK],
+    "LoRA over an int8 base": [*LORA, "--quantize-base", "int8-weight-only"],
+    # every weight trains; full fine-tuning's usual learning rate is ~10x below LoRA's
+    "full fine-tuning (no LoRA)": ["--lr", "1e-4"],
+}
 
 # Runs the CLI in this child and reports its own peak RSS (ru_maxrss: KiB on Linux) on the last line.
 CHILD = """
@@ -83,7 +87,7 @@ def write_chat_set(path: Path, conversations: int, seed: int = 0) -> Path:
 
 def run_config(name: str, flags: list[str], model: str, data: Path, args: argparse.Namespace) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
-    cli = ["train", "--init-from", model, "--data", str(data), "--format", "chat", *LORA, "--seq-len",
+    cli = ["train", "--init-from", model, "--data", str(data), "--format", "chat", "--seq-len",
            str(args.seq_len), "--global-batch-size", str(args.batch), "--micro-batch-size", "1", "--max-steps",
            str(args.steps), "--warmup-steps", "2", "--lr", "1e-3", "--output-dir", str(out), "--no-progress",
            "--no-export-hf", "--log-every", "1", "--device", "cpu", *flags]
@@ -138,7 +142,7 @@ def main() -> None:
     env = environment("cpu")
     record = {"benchmark": "finetune", "git_sha": git_sha(), "environment": env,
               "load_average_after": load_average(),
-              "setup": {"model": Path(args.model).name, "lora": LORA, "seq_len": args.seq_len, "batch": args.batch,
+              "setup": {"model": Path(args.model).name, "seq_len": args.seq_len, "batch": args.batch,
                         "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
                         "data": "400 generated arithmetic chat conversations, loss on assistant replies only"},
               "rows": rows}
